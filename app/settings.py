@@ -1,0 +1,69 @@
+"""The one settings object of the service, read from `TUNEYARD_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEYARD_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".tuneyard"), description="root for the embedded database, broker and blobs")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker; default: kombu filesystem in data_dir")
+    storage_dir: Path | None = Field(None, description="blob store root; default: data_dir/storage")
+    base_models_dir: Path | None = Field(None, description="base model folders; default: data_dir/models")
+    auth_enabled: bool = True
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1024)
+    env: str = Field("dev", pattern="^(dev|test|prod)$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    lease_seconds: float = Field(60.0, gt=0, description="a run whose heartbeat is older is re-queued")
+    queued_grace_seconds: float = Field(120.0, gt=0, description="a queued run unclaimed this long is re-sent")
+    max_attempts: int = Field(3, ge=1)
+    reaper_interval_seconds: float = Field(10.0, gt=0)
+    inference_backend: str = Field("local", pattern="^(local|sglang)$")
+    sglang_url: str | None = None
+    inference_cache_bytes: int = Field(2 * 1024**3, ge=0)
+    log_json: bool = False
+
+    @field_validator("data_dir", "storage_dir", "base_models_dir")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
+
+    @model_validator(mode="after")
+    def _defaults_and_safety(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'tuneyard.db'}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "storage"
+        if self.base_models_dir is None:
+            self.base_models_dir = self.data_dir / "models"
+        if self.env == "prod" and not self.auth_enabled:
+            raise ValueError("auth_enabled=false is refused with env=prod")
+        if self.inference_backend == "sglang" and not self.sglang_url:
+            raise ValueError("inference_backend=sglang needs TUNEYARD_SGLANG_URL")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the kombu filesystem transport (embedded mode)."""
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Returns the process-wide settings, validated once."""
+    return Settings()
