@@ -1,0 +1,89 @@
+"""Tensor helpers shared by the losses: masked reductions, token log-probs, entropy.
+
+Label convention used by every loss in this package: ``labels[..., t]`` is the target for
+``logits[..., t, :]``. The caller has already shifted (for a causal LM, ``labels[t]`` is
+``input_ids[t + 1]``), so nothing here shifts again. Positions equal to ``IGNORE_INDEX`` carry no
+loss.
+
+Metrics are returned as detached 0-dim tensors (or python numbers) so that a training step does not
+force a device sync; call ``float()`` on them when reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+Metrics = dict[str, float | torch.Tensor]
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Return the sum of ``values`` where ``mask`` is true (over ``dim``, or everything)."""
+    zeroed = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return zeroed.sum() if dim is None else zeroed.sum(dim=dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Return the mean of ``values`` where ``mask`` is true; 0 where the mask is empty.
+
+    An empty mask gives 0 rather than NaN so that a micro-batch without loss tokens adds nothing
+    (and no NaN gradient) instead of poisoning the accumulated step.
+    """
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim=dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Per-sequence and per-token log-probabilities of the labels under some logits.
+
+    ``sum``: [B] sum of token log-probs over the mask; ``tokens``: [B, T] token log-probs, 0 where
+    masked out; ``mask``: [B, T] bool, true where a label counts.
+    """
+
+    sum: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(logps, mask)``: log p(label) per position (0 where ignored) and the label mask.
+
+    Computed as ``logit[label] - logsumexp(logits)`` in float32, which avoids materialising a second
+    full-vocabulary ``log_softmax`` tensor.
+    """
+    mask = labels != ignore_index
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    logits32 = logits.float()
+    picked = logits32.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logps = picked - torch.logsumexp(logits32, dim=-1)
+    return torch.where(mask, logps, torch.zeros_like(logps)), mask
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> SequenceLogps:
+    """Return the per-sequence sum and per-token log-probs of ``labels`` [B, T] under ``logits`` [B, T, V].
+
+    Labels are already aligned to logits (see the module docstring). DPO uses ``.sum``; GRPO and PPO
+    use ``.tokens`` with ``.mask``.
+    """
+    logps, mask = token_logps(logits, labels, ignore_index)
+    return SequenceLogps(sum=logps.sum(dim=-1), tokens=logps, mask=mask)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Return the entropy (nats) of softmax(logits) at each position: shape ``logits.shape[:-1]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def policy_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the mean token entropy of the policy over ``mask`` (detached; PPO's ``policy/entropy``)."""
+    with torch.no_grad():
+        return masked_mean(token_entropy(logits), mask)

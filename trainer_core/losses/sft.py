@@ -1,0 +1,78 @@
+"""Supervised fine-tuning loss: mean token cross-entropy over the loss-mask tokens.
+
+Labels are already aligned to logits: ``labels[..., t]`` is the target for ``logits[..., t, :]``
+(the caller shifts; see ``trainer_core.losses.common``). ``-100`` marks tokens with no loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer_core.losses.common import IGNORE_INDEX, Metrics
+
+
+def _token_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    num_tokens_in_batch: int | torch.Tensor | None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Return ``(loss, metrics)`` for flat ``logits`` [N, V] and ``labels`` [N]."""
+    mask = labels != ignore_index
+    num_tokens = mask.sum()
+    # Float32 for the softmax: bf16 logits lose the small probabilities CE depends on.
+    ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    # Dividing the sum by an explicit count (instead of reduction="mean") keeps an empty mask at 0
+    # instead of NaN, and lets gradient accumulation normalise by the whole step's token count.
+    denominator = num_tokens.clamp(min=1) if num_tokens_in_batch is None else num_tokens_in_batch
+    loss = ce_sum / denominator
+    with torch.no_grad():
+        correct = ((logits.argmax(dim=-1) == labels) & mask).sum()
+        metrics: Metrics = {
+            "loss": ce_sum.detach() / num_tokens.clamp(min=1),
+            "mean_token_accuracy": correct.float() / num_tokens.clamp(min=1),
+            "num_tokens": num_tokens,
+        }
+    return loss, metrics
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    num_tokens_in_batch: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Return ``(loss, metrics)``: mean cross-entropy over tokens whose label is not ``ignore_index``.
+
+    ``logits``: [..., V]; ``labels``: [...] aligned to the logits (already shifted).
+    ``num_tokens_in_batch``: when given, the summed CE is divided by it instead of this call's token
+    count, so that micro-batches of a gradient-accumulation step weigh every token equally.
+    Metrics: ``loss`` (this call's mean CE), ``mean_token_accuracy``, ``num_tokens``.
+    """
+    vocab = logits.shape[-1]
+    return _token_ce(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, num_tokens_in_batch)
+
+
+def sft_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    lm_head_bias: torch.Tensor | None = None,
+    num_tokens_in_batch: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Return ``(loss, metrics)`` as ``sft_loss`` would, projecting only the loss-mask positions.
+
+    ``hidden``: [N, H] (or [B, T, H]) final hidden states, aligned to ``labels`` [N] (or [B, T]);
+    ``lm_head_weight``: [V, H]. Only rows whose label is not ``ignore_index`` are multiplied by the
+    LM head, so prompt/padding tokens never get full-vocabulary logits: activation memory and FLOPs
+    scale with the number of trained tokens, not the sequence length.
+    Valid only for a plain linear LM head (no logit soft-capping or scaling after it).
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    selected = flat_hidden[keep]
+    logits = F.linear(selected, lm_head_weight, lm_head_bias)
+    return _token_ce(logits, flat_labels[keep], ignore_index, num_tokens_in_batch)
