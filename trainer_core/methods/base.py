@@ -1,0 +1,117 @@
+"""The interface between the training loop and a stage method (SFT, DPO, GRPO, PPO, SAD).
+
+A method supplies batches and a loss step; `trainer_core.loop.train_stage` does everything else
+(optimizer, accumulation, autocast, clipping, schedule, eval, checkpoints, resume, stop checks).
+Methods never subclass the loop.
+
+Each method module exposes ``build(ctx: StageContext) -> StageMethod`` and is registered by name in
+``trainer_core.methods`` (imported lazily).
+
+Step numbering: optimizer steps are numbered 1..``total_steps``. ``micro_batches(model, step)`` gives
+the micro-batches of step ``step``; after that step the loop reports metrics and may checkpoint
+under the same number.
+
+Gradient accumulation contract: ``LossOutput.loss`` is a SUM over the micro-batch's normalisation
+units (loss tokens for SFT, preference pairs for DPO, sequences or tokens for GRPO), and
+``num_units`` says how many units it sums over. The loop back-propagates the sums of all
+micro-batches of a step and divides the gradient by the step's total ``num_units``, so a step
+with accumulation equals one big batch whatever the micro-batch sizes.
+
+Resume contract: the loop restores weights, optimizer, scheduler and every RNG (python, numpy,
+torch, cuda) at a step boundary, then calls ``setup`` and ``load_state_dict``. So a method must be
+deterministic given (ctx.seed, ctx.stage_index, step) and the RNG state — e.g. derive the data
+order of an epoch from a generator seeded by (seed, stage_index, epoch), never from an iterator
+position — and keep anything else it accumulates (rollout buffers, curriculum level) in
+``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer_core.config import Adapter, Stage
+    from trainer_core.modeling import ReferencePolicy
+
+
+@dataclass
+class LossOutput:
+    """What one micro-batch's loss step gives back to the loop.
+
+    ``loss``: scalar tensor with grad, the SUM of per-unit losses over this micro-batch.
+    ``num_units``: how many units ``loss`` sums over (the loop normalises by the step total).
+    ``num_tokens``: real (non-padding) tokens that went through the model, for tokens_per_second.
+    ``metrics``: per-micro-batch metrics (python floats or 0-dim tensors); the loop averages them
+    over the step's micro-batches weighted by ``num_units``.
+    """
+
+    loss: torch.Tensor
+    num_units: int
+    num_tokens: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a method builder gets: the stage config, data, tokenizer, device, reference.
+
+    ``train_records`` / ``eval_records``: normalised records (see ``trainer_core.data``) of the
+    stage's weighted training mixture and held-out split (``eval_dataset`` or ``eval_fraction``);
+    ``eval_records`` may be empty. Every record is of the formats in
+    ``config.METHOD_FORMATS[stage.method]``; its normalised type says which.
+    ``reference``: the frozen policy as it was when the stage began; loaded on first use.
+    ``resolve_model``: turns a base model name or checkpoint id into a folder (SAD teachers).
+    ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
+    """
+
+    stage: Stage
+    stage_index: int
+    seed: int
+    adapter: Adapter
+    tokenizer: PreTrainedTokenizerBase
+    train_records: Sequence[Any]
+    eval_records: Sequence[Any]
+    device: torch.device
+    work_dir: Path
+    reference: ReferencePolicy
+    resolve_model: Callable[[str], Path] | None = None
+
+
+class StageMethod(Protocol):
+    """A training method as the loop sees it."""
+
+    total_steps: int
+    """Optimizer steps in this stage (known after ``build``; from epochs or max_steps)."""
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Runs once at stage start AND after a resume (e.g. cache reference log-probs)."""
+
+    def micro_batches(self, model: nn.Module, step: int) -> Sequence[Any]:
+        """Returns the micro-batches of optimizer step ``step`` (1-based), deterministic as above.
+
+        Called with the model in whatever mode the previous call left it; rollout methods may
+        generate here (switching to eval mode themselves). The loop sets train mode afterwards.
+        """
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> LossOutput:
+        """Returns the summed loss of one micro-batch (called in train mode, under autocast)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        """Returns eval-split metrics (``eval_loss`` picks the best checkpoint) or None.
+
+        Called in eval mode under ``torch.no_grad``; RNG states are restored afterwards, so
+        evaluation never changes the training trajectory.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns method-owned state to checkpoint (torch.save-able; {} when stateless)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what ``state_dict`` returned (called after ``setup`` on resume)."""

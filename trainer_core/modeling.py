@@ -1,0 +1,157 @@
+"""Loading the policy (base model + LoRA or full fine-tuning), its tokenizer and its frozen reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from trainer_core.config import Adapter, FullAdapter, LoraAdapter
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """Returns the torch device for a device string ("auto" picks CUDA when present)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def base_dtype(adapter: Adapter, device: torch.device) -> torch.dtype:
+    """Returns the dtype to hold frozen base weights in.
+
+    LoRA on GPU keeps the frozen base in bf16 (half the memory; autocast computes in bf16 anyway)
+    while the trainable LoRA weights stay fp32. Full fine-tuning keeps fp32 master weights, and CPU
+    runs stay fp32 throughout (bf16 matmuls are slow on most CPUs and break exact-resume tests).
+    """
+    if device.type == "cuda" and isinstance(adapter, LoraAdapter):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """Returns the tokenizer saved in a model folder, with a pad token guaranteed."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Returns a causal LM loaded from a folder (sdpa attention: it honours 4D packing masks)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device)
+
+
+def load_policy(
+    base_model_dir: Path, adapter: Adapter, device: torch.device, start_dir: Path | None = None
+) -> nn.Module:
+    """Returns the trainable policy: base + LoRA adapter, or the full model for full fine-tuning.
+
+    ``start_dir`` (written by ``save_policy_weights``) holds the weights a later stage or a resume
+    starts from; without it a fresh LoRA adapter is initialised (seed the RNG first).
+    """
+    if isinstance(adapter, FullAdapter):
+        model = load_base_model(start_dir or base_model_dir, torch.float32, device)
+        model.requires_grad_(True)
+        return model
+    base = load_base_model(base_model_dir, base_dtype(adapter, device), device)
+    if start_dir is not None:
+        return PeftModel.from_pretrained(base, start_dir, adapter_name=POLICY_ADAPTER, is_trainable=True)
+    lora = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+
+
+def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
+    """Writes the policy's weights (LoRA adapter, or the full model) so ``load_policy`` restarts from them.
+
+    Written under a temporary name and renamed, so a crash never leaves a half-written folder.
+    """
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
+    else:
+        model.save_pretrained(tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Returns the parameters that train, by name (LoRA weights, or everything for full FT)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """Returns (backbone, lm_head) when logits are a plain bias-free linear map of the backbone output.
+
+    Lets SFT project only loss positions (``sft_loss_from_hidden``) instead of computing
+    full-vocabulary logits everywhere. None when the head is wrapped (e.g. LoRA on lm_head) or the
+    model post-processes logits (soft-capping), in which case callers use the full forward.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    backbone = getattr(inner, inner.base_model_prefix, None)
+    head = inner.get_output_embeddings()
+    plain_head = type(head) is nn.Linear and head.bias is None
+    capped = getattr(inner.config, "final_logit_softcapping", None) is not None
+    if backbone is None or not plain_head or capped:
+        return None
+    return backbone, head
+
+
+class ReferencePolicy:
+    """The frozen policy as it was when the stage began (DPO/PPO/GRPO reference).
+
+    With LoRA it is a second, non-trainable adapter ("reference") loaded into the same model from
+    the stage-start weights, so it costs only the adapter's memory. With full fine-tuning it is a
+    separate frozen model loaded from the same folder. Loaded on first use: SFT and SAD never pay.
+    """
+
+    def __init__(self, start_dir: Path, adapter: Adapter, device: torch.device) -> None:
+        self.start_dir = start_dir
+        self.adapter = adapter
+        self.device = device
+        self._frozen: nn.Module | None = None
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Yields a module computing the reference's forward (eval, no grad); restores the policy after."""
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                if isinstance(model, PeftModel):
+                    if REFERENCE_ADAPTER not in model.peft_config:
+                        model.load_adapter(self.start_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+                    model.eval()
+                    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+                    yield model
+                else:
+                    if self._frozen is None:
+                        self._frozen = load_base_model(self.start_dir, torch.float32, self.device)
+                        self._frozen.requires_grad_(False).eval()
+                    yield self._frozen
+        finally:
+            if isinstance(model, PeftModel):
+                # set_adapter re-enables grads on the policy adapter and freezes the reference.
+                model.set_adapter(POLICY_ADAPTER)
+            model.train(was_training)
+
