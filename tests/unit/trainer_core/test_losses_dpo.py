@@ -66,14 +66,20 @@ def test_ipo_loss() -> None:
 
 def test_reference_logps_get_no_gradient() -> None:
     ref = torch.tensor(REF, requires_grad=True)
-    loss, _ = dpo_loss(torch.tensor(POLICY_CHOSEN, requires_grad=True), torch.tensor(POLICY_REJECTED), ref, ref)
+    chosen = torch.tensor(POLICY_CHOSEN, requires_grad=True)
+    loss, _ = dpo_loss(chosen, torch.tensor(POLICY_REJECTED), ref, ref)
     loss.backward()
     assert ref.grad is None
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"beta": 0.0}, {"loss_type": "hinge"}, {"label_smoothing": 0.5}, {"loss_type": "ipo", "label_smoothing": 0.1}],
+    [
+        {"beta": 0.0},
+        {"loss_type": "hinge"},
+        {"label_smoothing": 0.5},
+        {"loss_type": "ipo", "label_smoothing": 0.1},
+    ],
 )
 def test_invalid_settings_raise(kwargs: dict) -> None:
     x = torch.zeros(1)
