@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import pytest
+
+from trainer_core.data.records import RecordError, detect_format, normalize, trajectory_text
+
+USER = {"role": "user", "content": "What is 12+7?"}
+ASSISTANT = {"role": "assistant", "content": "19"}
+
+
+@pytest.mark.parametrize(
+    ("obj", "fmt"),
+    [
+        ({"messages": [USER, ASSISTANT]}, "sft"),
+        ({"prompt": "12+7=", "completion": "19"}, "sft"),
+        ({"text": "plain prose"}, "sft"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference"),
+        ({"input": {"messages": [USER]}, "preferred_output": [ASSISTANT]}, "preference"),
+        ({"prompt": "12+7="}, "prompts"),
+        ({"messages": [USER], "answer": 19}, "prompts"),
+        ({"text": "Thought: add\nAction: calc[1+1]\nObservation: 2"}, "trajectories"),
+        ({"steps": [{"type": "action", "content": "x"}]}, "trajectories"),
+        ({"foo": 1}, None),
+        ([1, 2], None),
+    ],
+)
+def test_detect_format(obj: object, fmt: str | None) -> None:
+    assert detect_format(obj) == fmt
+
+
+def test_sft_shapes_normalise() -> None:
+    rec = {"messages": [{"role": "system", "content": "s", "name": "x"}, USER, ASSISTANT], "id": 3}
+    assert normalize(rec, "sft") == {"messages": [{"role": "system", "content": "s"}, USER, ASSISTANT]}
+    assert normalize({"prompt": "a", "completion": "b"}, "sft") == {"prompt": "a", "completion": "b"}
+    assert normalize({"text": "t"}, "sft") == {"text": "t"}
+
+
+def test_errors_carry_field_paths() -> None:
+    with pytest.raises(RecordError) as err:
+        normalize({"messages": [USER, ASSISTANT, {"role": "bot", "content": "x"}]}, "sft")
+    assert err.value.errors[0][0] == "messages[2].role"
+    with pytest.raises(RecordError, match="at least one assistant"):
+        normalize({"messages": [USER]}, "sft")
+    with pytest.raises(RecordError, match="needs `messages`"):
+        normalize({"mesages": []}, "sft")
+    with pytest.raises(RecordError, match="expected a JSON object, got array"):
+        normalize([1], "sft")
+
+
+def test_preference_normalises_to_conversational_when_any_part_is_a_list() -> None:
+    raw = normalize({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference")
+    assert raw == {"prompt": "q", "chosen": "a", "rejected": "b"}
+    mixed = normalize({"prompt": "q", "chosen": [ASSISTANT], "rejected": "no"}, "preference")
+    assert mixed == {
+        "messages": [{"role": "user", "content": "q"}],
+        "chosen": [ASSISTANT],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
+    openai = {
+        "input": {"messages": [USER]},
+        "preferred_output": [ASSISTANT],
+        "non_preferred_output": [{"role": "assistant", "content": "20"}],
+    }
+    assert normalize(openai, "preference")["rejected"] == [{"role": "assistant", "content": "20"}]
+
+
+def test_preference_errors_follow_the_given_union_branch() -> None:
+    with pytest.raises(RecordError) as err:
+        normalize({"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}, "preference")
+    assert err.value.errors == [("chosen[0].role", "Input should be 'system', 'user', 'assistant' or 'tool'")]
+    with pytest.raises(RecordError) as err:
+        normalize({"prompt": "q", "chosen": 5, "rejected": "b"}, "preference")
+    assert err.value.errors == [("chosen", "must be a string or a list of messages")]
+    with pytest.raises(RecordError, match="either `prompt` or `messages`"):
+        normalize({"prompt": "q", "messages": [USER], "chosen": "a", "rejected": "b"}, "preference")
+
+
+def test_prompts_answer_and_difficulty() -> None:
+    assert normalize({"prompt": "1+1=", "answer": 2, "difficulty": 3}, "prompts") == {
+        "prompt": "1+1=", "answer": "2", "difficulty": 3,
+    }
+    with pytest.raises(RecordError, match="string or a number"):
+        normalize({"prompt": "x", "answer": True}, "prompts")
+    with pytest.raises(RecordError, match="must not end with an assistant"):
+        normalize({"messages": [USER, ASSISTANT]}, "prompts")
+
+
+def test_trajectory_steps_text_and_teacher_logprobs() -> None:
+    rec = normalize(
+        {
+            "prompt": "Add 2 and 3.",
+            "steps": [
+                {"type": "reasoning", "content": "I add."},
+                {"type": "action", "content": "Action: calc[2+3]"},
+                {"type": "observation", "content": "5"},
+                {"type": "other", "content": "done"},
+            ],
+            "teacher_logprobs": {"top_k_ids": [[1, 2], [3, 4]], "top_k_logprobs": [[-0.1, -2], [0, -3.5]]},
+        },
+        "trajectories",
+    )
+    assert trajectory_text(rec) == "Thought: I add.\nAction: calc[2+3]\nObservation: 5\ndone"
+    assert rec["teacher_logprobs"]["offset"] == 0
+    assert rec["prompt"] == "Add 2 and 3."
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "message"),
+    [
+        ({"top_k_ids": [[1, 2]], "top_k_logprobs": [[-0.1]]}, "same k"),
+        ({"top_k_ids": [[1], [2]], "top_k_logprobs": [[-0.1]]}, "1 rows"),
+        ({"top_k_ids": [[1]], "top_k_logprobs": [[0.5]]}, "≤ 0"),
+        ({"top_k_ids": [[1]], "top_k_logprobs": [[-1.0]], "token_ids": [1, 2]}, "token_ids has 2"),
+        ({"top_k_ids": [[-1]], "top_k_logprobs": [[-1.0]]}, "≥ 0"),
+    ],
+)
+def test_teacher_logprobs_shape_errors(logprobs: dict, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        normalize({"text": "Thought: x", "teacher_logprobs": logprobs}, "trajectories")
