@@ -118,6 +118,13 @@ def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return backbone, head
 
 
+def _rng_devices(device: torch.device) -> list[int]:
+    """Returns the CUDA device indices whose RNG a fork must cover (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 class ReferencePolicy:
     """The frozen policy as it was when the stage began (DPO/PPO/GRPO reference).
 
@@ -140,7 +147,13 @@ class ReferencePolicy:
             with torch.no_grad():
                 if isinstance(model, PeftModel):
                     if REFERENCE_ADAPTER not in model.peft_config:
-                        model.load_adapter(self.start_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+                        # Creating adapter layers draws initial weights from the RNG; fork it so a
+                        # lazy first load (straight run vs. resumed run) never shifts the dropout
+                        # stream and exact resume holds.
+                        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+                            model.load_adapter(
+                                self.start_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False
+                            )
                     model.eval()
                     model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
                     yield model

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from trainer_core.config import Adapter, Stage
     from trainer_core.modeling import ReferencePolicy
 
+RECORD_FORMAT_KEY = "format"
+
 
 @dataclass
 class LossOutput:
@@ -64,8 +66,9 @@ class StageContext:
 
     ``train_records`` / ``eval_records``: normalised records (see ``trainer_core.data``) of the
     stage's weighted training mixture and held-out split (``eval_dataset`` or ``eval_fraction``);
-    ``eval_records`` may be empty. Every record is of the formats in
-    ``config.METHOD_FORMATS[stage.method]``; its normalised type says which.
+    ``eval_records`` may be empty. Records are canonical dicts (``trainer_core.data.records``)
+    tagged with their dataset format under ``RECORD_FORMAT_KEY`` (an SFT stage may mix "sft" and
+    "trajectories" records, which a ``text`` field alone cannot tell apart).
     ``reference``: the frozen policy as it was when the stage began; loaded on first use.
     ``resolve_model``: turns a base model name or checkpoint id into a folder (SAD teachers).
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
@@ -111,7 +114,11 @@ class StageMethod(Protocol):
         """
 
     def state_dict(self) -> dict[str, Any]:
-        """Returns method-owned state to checkpoint (torch.save-able; {} when stateless)."""
+        """Returns method-owned state to checkpoint; {} when stateless.
+
+        Plain containers of tensors, numbers and strings only: checkpoints are read back with
+        ``torch.load(weights_only=True)``.
+        """
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what ``state_dict`` returned (called after ``setup`` on resume)."""
