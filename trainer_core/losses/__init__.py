@@ -2,7 +2,9 @@
 
 from trainer_core.losses.common import (
     IGNORE_INDEX,
+    REDUCTIONS,
     Metrics,
+    Reduction,
     SequenceLogps,
     masked_mean,
     masked_sum,
@@ -46,6 +48,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_AGGREGATIONS",
     "IGNORE_INDEX",
+    "REDUCTIONS",
     "SPAN_WEIGHTINGS",
     "AdvantageScaling",
     "DenseTeacher",
@@ -53,6 +56,7 @@ __all__ = [
     "DpoLossType",
     "GrpoAggregation",
     "Metrics",
+    "Reduction",
     "SequenceLogps",
     "SpanWeighting",
     "SparseTeacher",

@@ -12,12 +12,24 @@ force a device sync; call ``float()`` on them when reporting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 IGNORE_INDEX = -100
 
 Metrics = dict[str, float | torch.Tensor]
+# "mean": the loss averaged over its units (tokens, pairs, sequences). "sum": summed over them, for a
+# training loop that accumulates sums and divides by the whole step's unit count (exact gradient
+# accumulation however the units fall across micro-batches).
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+
+def check_reduction(reduction: str) -> None:
+    """Raise ValueError unless ``reduction`` is "mean" or "sum"."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainer_core.losses.common import Metrics
+from trainer_core.losses.common import Metrics, Reduction, check_reduction
 
 DpoLossType = Literal["sigmoid", "ipo"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
@@ -30,15 +30,17 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: DpoLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: the DPO loss averaged over preference pairs.
 
     All inputs are [B] per-sequence sums of completion-token log-probs. Reference log-probs carry no
-    gradient (they are detached here in case the caller forgot).
+    gradient (they are detached here in case the caller forgot). ``reduction="sum"`` sums over pairs.
     Metrics: ``rewards/chosen``, ``rewards/rejected`` (mean implicit rewards beta * (logp - ref)),
     ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward),
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean policy log-probs).
     """
+    check_reduction(reduction)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if loss_type not in DPO_LOSS_TYPES:
@@ -71,4 +73,4 @@ def dpo_loss(
             "logps/chosen": policy_chosen_logps.detach().mean(),
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
-    return losses.mean(), metrics
+    return (losses.mean() if reduction == "mean" else losses.sum()), metrics

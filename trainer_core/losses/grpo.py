@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from trainer_core.losses.common import Metrics, masked_mean, masked_sum
+from trainer_core.losses.common import Metrics, Reduction, check_reduction, masked_mean, masked_sum
 
 AdvantageScaling = Literal["group", "batch", "none"]
 ADVANTAGE_SCALINGS: tuple[str, ...] = ("group", "batch", "none")
@@ -60,7 +60,8 @@ def grpo_advantages(
     metrics: Metrics = {
         "reward": rewards.mean(),
         "reward_std": group_std.mean(),
-        "frac_reward_zero_std": (group_std == 0).float().mean(),
+        # A tolerance instead of == 0: float rounding of equal rewards can leave a ~1e-9 std.
+        "frac_reward_zero_std": (group_std < 1e-6).float().mean(),
     }
     return advantages.reshape(-1), metrics
 
@@ -75,6 +76,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     aggregation: GrpoAggregation = "grpo",
+    reduction: Reduction = "mean",
     num_tokens_in_batch: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: the clipped GRPO surrogate plus beta * k3 KL.
@@ -84,11 +86,14 @@ def grpo_loss(
     logps.detach()`` (ratio 1, gradient of the plain policy gradient). ``epsilon_high`` defaults to
     ``epsilon``. ``ref_logps`` may be None only when ``beta == 0``.
     Aggregation: "grpo" = mean over each sequence's tokens, then mean over sequences; "dapo" = sum
-    over every completion token in the batch divided by the token count (``num_tokens_in_batch``
-    when given, e.g. the whole accumulation step's count), so long completions weigh per token.
+    over every completion token in the batch divided by the token count, so long completions weigh
+    per token. ``reduction="sum"`` drops the final division: the sum of per-sequence means
+    ("grpo", units: sequences) or the token sum ("dapo", units: masked tokens). With "dapo",
+    ``num_tokens_in_batch`` replaces this call's token count as the divisor (1 equals "sum").
     Metrics: ``kl`` (masked mean k3 KL; only when ``ref_logps`` is given), ``clip_ratio`` (fraction
     of tokens whose clipped term was the active one), ``clip_ratio/low``, ``clip_ratio/high``.
     """
+    check_reduction(reduction)
     if aggregation not in GRPO_AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {aggregation!r}")
     if beta != 0 and ref_logps is None:
@@ -110,10 +115,14 @@ def grpo_loss(
             per_token = per_token + beta * kl
 
     if aggregation == "grpo":
-        loss = masked_mean(per_token, mask, dim=-1).mean()
+        per_sequence = masked_mean(per_token, mask, dim=-1)
+        loss = per_sequence.mean() if reduction == "mean" else per_sequence.sum()
     else:
-        denominator = mask.sum().clamp(min=1) if num_tokens_in_batch is None else num_tokens_in_batch
-        loss = masked_sum(per_token, mask) / denominator
+        loss = masked_sum(per_token, mask)
+        if num_tokens_in_batch is not None:
+            loss = loss / num_tokens_in_batch
+        elif reduction == "mean":
+            loss = loss / mask.sum().clamp(min=1)
 
     with torch.no_grad():
         # The clipped term is active (gradient zero) when the ratio left the trust region in the

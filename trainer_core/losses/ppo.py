@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer_core.losses.common import Metrics, masked_mean
+from trainer_core.losses.common import Metrics, Reduction, check_reduction, masked_mean, masked_sum
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -114,15 +114,19 @@ def ppo_loss(
     cliprange: float = 0.2,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: clipped policy loss + vf_coef * clipped value loss over ``mask``.
 
     All inputs [B, T]. ``old_logps``/``old_values`` come from the rollout; ``advantages`` (usually
     whitened) and ``returns`` from ``gae``. pg = mean max(-A rho, -A clip(rho, 1 +- cliprange));
     vf = 0.5 mean max((V - R)^2, (clip(V, V_old +- cliprange_value) - R)^2).
+    ``reduction="sum"`` returns the token sum of pg_t + vf_coef vf_t instead (units: masked tokens);
+    the metrics stay token means.
     Metrics: ``loss/policy``, ``loss/value``, ``loss/total``, ``policy/approxkl``,
     ``policy/clipfrac``, ``value/clipfrac``.
     """
+    check_reduction(reduction)
     mask = mask.bool()
     advantages = advantages.detach()
     returns = returns.detach()
@@ -132,14 +136,20 @@ def ppo_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    policy_loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), mask)
+    pg_per_token = torch.maximum(pg_unclipped, pg_clipped)
+    policy_loss = masked_mean(pg_per_token, mask)
 
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_unclipped = (values - returns) ** 2
     vf_clipped = (values_clipped - returns) ** 2
-    value_loss = 0.5 * masked_mean(torch.maximum(vf_unclipped, vf_clipped), mask)
+    vf_per_token = 0.5 * torch.maximum(vf_unclipped, vf_clipped)
+    value_loss = masked_mean(vf_per_token, mask)
 
     loss = policy_loss + vf_coef * value_loss
+    if reduction == "sum":
+        loss_to_return = masked_sum(pg_per_token + vf_coef * vf_per_token, mask)
+    else:
+        loss_to_return = loss
     with torch.no_grad():
         metrics: Metrics = {
             "loss/policy": policy_loss.detach(),
@@ -149,4 +159,4 @@ def ppo_loss(
             "policy/clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask),
             "value/clipfrac": masked_mean((vf_clipped > vf_unclipped).float(), mask),
         }
-    return loss, metrics
+    return loss_to_return, metrics

@@ -115,6 +115,18 @@ def _validate(
             f"reasoning_mask {tuple(reasoning_mask.shape)} and action_mask {tuple(action_mask.shape)} "
             f"must match student_logits positions {tuple(positions)}"
         )
+    if isinstance(teacher, DenseTeacher) and teacher.logits.shape != student_logits.shape:
+        raise ValueError(
+            f"dense teacher logits {tuple(teacher.logits.shape)} must match student logits "
+            f"{tuple(student_logits.shape)} (same positions and vocabulary)"
+        )
+    if isinstance(teacher, SparseTeacher) and (
+        teacher.token_ids.shape != teacher.logprobs.shape or teacher.token_ids.shape[:-1] != positions
+    ):
+        raise ValueError(
+            f"sparse teacher token_ids {tuple(teacher.token_ids.shape)} and logprobs "
+            f"{tuple(teacher.logprobs.shape)} must both be [B, T, K] with [B, T] = {tuple(positions)}"
+        )
     if (reasoning_mask.bool() & action_mask.bool()).any():
         raise ValueError("reasoning_mask and action_mask overlap: a token belongs to one span type")
     if divergence == "ce":

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer_core.losses.common import IGNORE_INDEX, Metrics
+from trainer_core.losses.common import IGNORE_INDEX, Metrics, Reduction, check_reduction
 
 
 def _token_ce(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
+    reduction: Reduction,
     num_tokens_in_batch: int | torch.Tensor | None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)`` for flat ``logits`` [N, V] and ``labels`` [N]."""
@@ -24,9 +25,11 @@ def _token_ce(
     # Float32 for the softmax: bf16 logits lose the small probabilities CE depends on.
     ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     # Dividing the sum by an explicit count (instead of reduction="mean") keeps an empty mask at 0
-    # instead of NaN, and lets gradient accumulation normalise by the whole step's token count.
-    denominator = num_tokens.clamp(min=1) if num_tokens_in_batch is None else num_tokens_in_batch
-    loss = ce_sum / denominator
+    # instead of NaN.
+    if num_tokens_in_batch is not None:
+        loss = ce_sum / num_tokens_in_batch
+    else:
+        loss = ce_sum / num_tokens.clamp(min=1) if reduction == "mean" else ce_sum
     with torch.no_grad():
         correct = ((logits.argmax(dim=-1) == labels) & mask).sum()
         metrics: Metrics = {
@@ -41,17 +44,22 @@ def sft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
     num_tokens_in_batch: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: mean cross-entropy over tokens whose label is not ``ignore_index``.
 
     ``logits``: [..., V]; ``labels``: [...] aligned to the logits (already shifted).
-    ``num_tokens_in_batch``: when given, the summed CE is divided by it instead of this call's token
-    count, so that micro-batches of a gradient-accumulation step weigh every token equally.
+    ``reduction="sum"`` returns the summed CE instead (units: ``num_tokens``), for a loop that
+    divides the accumulated gradient by the step's token count. ``num_tokens_in_batch``, when given,
+    divides the summed CE by that count instead (e.g. the whole step's tokens; 1 equals "sum").
     Metrics: ``loss`` (this call's mean CE), ``mean_token_accuracy``, ``num_tokens``.
     """
+    check_reduction(reduction)
     vocab = logits.shape[-1]
-    return _token_ce(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, num_tokens_in_batch)
+    return _token_ce(
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, reduction, num_tokens_in_batch
+    )
 
 
 def sft_loss_from_hidden(
@@ -60,6 +68,7 @@ def sft_loss_from_hidden(
     labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     lm_head_bias: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
     num_tokens_in_batch: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)`` as ``sft_loss`` would, projecting only the loss-mask positions.
@@ -70,9 +79,10 @@ def sft_loss_from_hidden(
     scale with the number of trained tokens, not the sequence length.
     Valid only for a plain linear LM head (no logit soft-capping or scaling after it).
     """
+    check_reduction(reduction)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     keep = flat_labels != ignore_index
     selected = flat_hidden[keep]
     logits = F.linear(selected, lm_head_weight, lm_head_bias)
-    return _token_ce(logits, flat_labels[keep], ignore_index, num_tokens_in_batch)
+    return _token_ce(logits, flat_labels[keep], ignore_index, reduction, num_tokens_in_batch)

@@ -58,6 +58,11 @@ def test_label_smoothing_is_conservative_dpo() -> None:
     assert math.isclose(loss.item(), (pair1 + pair2) / 2, rel_tol=1e-6)
 
 
+def test_sum_reduction_sums_over_pairs() -> None:
+    loss, _ = _loss(reduction="sum")
+    assert math.isclose(loss.item(), _softplus(-1.0) + _softplus(0.5), rel_tol=1e-6)
+
+
 def test_ipo_loss() -> None:
     loss, _ = _loss(loss_type="ipo")
     # (Delta - 1 / (2 beta))^2 with 1 / (2 * 0.5) = 1: (2 - 1)^2 = 1, (-1 - 1)^2 = 4 -> mean 2.5.

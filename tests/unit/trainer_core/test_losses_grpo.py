@@ -59,6 +59,19 @@ def test_on_policy_loss_is_minus_the_advantage() -> None:
     assert math.isclose(dapo.item(), (-1 - 1 + 2) / 3, abs_tol=1e-7)  # token sum / 3 tokens
 
 
+def test_sum_reduction_per_aggregation() -> None:
+    logps = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    ref = torch.tensor([[math.log(2), 0.0, 0.0], [0.0, 0.0, 0.0]])
+    k3 = 1 - math.log(2)
+    # Per-token -A + 0.1 k3: sequence 1 (-1 + 0.1 k3, -1), sequence 2 (2).
+    grpo_sum, _ = grpo_loss(logps, logps, ref, ADVANTAGES, MASK, beta=0.1, reduction="sum")
+    assert math.isclose(grpo_sum.item(), (-2 + 0.1 * k3) / 2 + 2, rel_tol=1e-6)  # sum of sequence means
+    dapo_sum, _ = grpo_loss(
+        logps, logps, ref, ADVANTAGES, MASK, beta=0.1, aggregation="dapo", reduction="sum"
+    )
+    assert math.isclose(dapo_sum.item(), -2 + 0.1 * k3 + 2, rel_tol=1e-6)  # token sum
+
+
 def test_k3_kl_penalty() -> None:
     logps = torch.zeros(2, 3)
     ref = torch.tensor([[math.log(2), 0.0, 5.0], [0.0, 0.0, 0.0]])  # the masked 5.0 must not count

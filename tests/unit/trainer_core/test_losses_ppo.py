@@ -73,3 +73,9 @@ def test_ppo_loss_clipped_policy_and_value_terms() -> None:
     torch.testing.assert_close(logps.grad, torch.tensor([[0.0, 0.55, 0.0]]))
     # Value token 0 unclipped: 0.1 * 0.5 * 2 (V - R) / 2 = 0.025; token 1 clipped branch: 0.
     torch.testing.assert_close(values.grad, torch.tensor([[0.025, 0.0, 0.0]]))
+
+    summed, _ = ppo_loss(
+        logps, old_logps, values, old_values, advantages, returns, mask, vf_coef=0.1, reduction="sum"
+    )
+    # Token sums: policy -1.2 + 1.1, value 0.5 * (0.25 + 0.64).
+    assert math.isclose(summed.item(), -0.1 + 0.1 * 0.5 * 0.89, rel_tol=1e-5)

@@ -166,6 +166,8 @@ def test_sparse_teacher_over_the_whole_vocabulary_equals_dense() -> None:
         {"divergence": "tvd", "teacher": DenseTeacher(torch.zeros(1, 4, 3))},
         {"weighting": "confidence", "divergence": "ce", "labels": torch.zeros(1, 4, dtype=torch.long)},
         {"teacher": DenseTeacher(torch.zeros(1, 4, 3)), "weighting": "scheduled", "progress": 1.5},
+        {"teacher": DenseTeacher(torch.zeros(1, 4, 5))},  # teacher vocabulary differs from the student's
+        {"teacher": SparseTeacher(torch.zeros(1, 4, 2, dtype=torch.long), torch.zeros(1, 4, 3))},
     ],
 )
 def test_invalid_arguments_raise(kwargs: dict) -> None:

@@ -38,8 +38,10 @@ def test_sft_loss_gradient_is_softmax_minus_onehot_over_count() -> None:
     torch.testing.assert_close(logits.grad, expected)
 
 
-def test_sft_loss_divides_by_given_batch_token_count() -> None:
+def test_sft_loss_sum_reduction_and_given_batch_token_count() -> None:
     logits, labels = _logits_and_labels()
+    summed, _ = sft_loss(logits, labels, reduction="sum")
+    assert math.isclose(summed.item(), math.log(10), rel_tol=1e-6)  # ln 2 + ln 5
     loss, metrics = sft_loss(logits, labels, num_tokens_in_batch=4)
     assert math.isclose(loss.item(), math.log(10) / 4, rel_tol=1e-6)
     assert math.isclose(float(metrics["loss"]), math.log(10) / 2, rel_tol=1e-6)
