@@ -188,6 +188,9 @@ def sad_loss(
     - scheduled: as span_type with each weight moved linearly from its start value to its ``*_end``
       value (default: unchanged) as ``progress`` goes 0 -> 1.
 
+    The loss is a mean over this call's tokens (per span), not a sum: under a loop that sums units,
+    count one call as one unit (or scale by its loss-token count to weigh calls by tokens).
+
     Metrics: ``loss/reasoning``, ``loss/action`` (L_r, L_a before the span weights),
     ``tokens/reasoning``, ``tokens/action``, and when a teacher is given ``kl/reasoning``,
     ``kl/action`` (mean forward KL(T||S) at the loss temperature, without tau^2: a diagnostic that
