@@ -1,0 +1,53 @@
+"""Request dependencies as typed aliases: a handler's signature says what it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Team
+from app.services import auth
+from app.settings import Settings
+from app.storage import LocalBlobStore
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    factory: sessionmaker[Session] = request.app.state.sessions
+    with factory() as session:
+        yield session
+
+
+def get_store(request: Request) -> LocalBlobStore:
+    return request.app.state.store
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+def get_current_team(
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Team:
+    """Returns the team of the Bearer key (or the default team when auth is switched off)."""
+    if not settings.auth_enabled:
+        return auth.get_or_create_team(session, auth.DEFAULT_TEAM)
+    return auth.team_for_key(session, authorization)
+
+
+CurrentTeam = Annotated[Team, Depends(get_current_team)]

@@ -1,0 +1,143 @@
+"""Datasets: upload (streamed to the blob store), list, get, preview, delete.
+
+Validation runs off the request path: the row is created `validating` once the blob is complete
+and one `tuneyard.validate_dataset` message goes to the `cpu` queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, get_args
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.broker import send_task
+from app.db.models import Dataset, Run, Team
+from app.errors import Conflict, NotFound, Unprocessable
+from app.ids import new_id
+from app.schemas.common import ListPage
+from app.schemas.datasets import DatasetOut
+from app.services.pagination import paginate
+from app.services.run_states import ACTIVE
+from app.services.uploads import store_upload
+from app.storage import BlobStore
+from trainer_core.config import DatasetFormat, RunSpec
+
+log = logging.getLogger("tuneyard.datasets")
+
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+PREVIEW_MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+def parse_format(value: str | None, param: str = "format") -> str | None:
+    """Returns a known dataset format, or None for auto-detection; 422 naming `param` otherwise."""
+    if value is None or value.strip() in ("", "auto"):
+        return None
+    if value not in FORMATS:
+        raise Unprocessable(f"unknown dataset format {value!r}: use one of {', '.join(FORMATS)} or omit it "
+                            "to auto-detect", param=param)
+    return value
+
+
+def blob_key(team_id: str, dataset_id: str) -> str:
+    return f"datasets/{team_id}/{dataset_id}.jsonl"
+
+
+async def upload_dataset(session: Session, store: BlobStore, celery: Celery, team: Team, *,
+                         chunks: AsyncIterator[bytes], content_type: str, max_bytes: int,
+                         format: str | None, name: str | None) -> Dataset:
+    """Returns the new `validating` dataset after streaming the body to storage and queueing validation.
+
+    Multipart fields `format`/`name` override the query parameters; `purpose` (OpenAI SDK) is ignored.
+    """
+    fmt = parse_format(format)
+    dataset_id = new_id("ds")
+    key = blob_key(team.id, dataset_id)
+    upload = await store_upload(chunks, content_type, store, key, max_bytes)
+    try:
+        if "format" in upload.fields:
+            fmt = parse_format(upload.fields["format"])
+        display_name = (upload.fields.get("name") or name or upload.filename or f"{dataset_id}.jsonl")[:300]
+        dataset = Dataset(id=dataset_id, team_id=team.id, name=display_name, format=fmt, status="validating",
+                          size_bytes=upload.size, sha256=upload.sha256, blob_key=key, stats={}, errors=[])
+        session.add(dataset)
+        await run_in_threadpool(session.commit)
+    except BaseException:
+        store.delete(key)
+        raise
+    await run_in_threadpool(send_task, celery, "tuneyard.validate_dataset", [dataset.id])
+    return dataset
+
+
+def get_dataset(session: Session, team: Team, dataset_id: str) -> Dataset:
+    """Returns the team's dataset; 404 for a missing one or another team's."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.team_id != team.id:
+        raise NotFound(f"no dataset {dataset_id!r}", param="dataset_id")
+    return dataset
+
+
+def list_datasets(session: Session, team: Team, *, limit: int, after: str | None) -> ListPage[DatasetOut]:
+    stmt = select(Dataset).where(Dataset.team_id == team.id)
+    rows, has_more, cursor = paginate(session, stmt, Dataset.id, limit=limit, after=after)
+    return ListPage[DatasetOut](data=[DatasetOut.model_validate(r) for r in rows], has_more=has_more,
+                                next_cursor=cursor)
+
+
+def preview_dataset(store: BlobStore, dataset: Dataset, limit: int) -> list[Any]:
+    """Returns the first `limit` lines that parse as JSON objects (malformed lines are skipped)."""
+    records: list[Any] = []
+    scanned = 0
+    with store.open(dataset.blob_key) as stream:
+        while len(records) < limit and scanned < limit * 10 + 1000:
+            line = stream.readline(PREVIEW_MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            scanned += 1
+            if len(line) > PREVIEW_MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := stream.readline(PREVIEW_MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                continue
+            if scanned == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def runs_using(session: Session, team: Team, dataset_id: str) -> list[str]:
+    """Returns the ids of the team's queued/running/cancelling runs that read the dataset."""
+    runs = session.scalars(select(Run).where(Run.team_id == team.id, Run.status.in_(ACTIVE))).all()
+    using = []
+    for run in runs:
+        try:
+            ids = RunSpec.model_validate(run.spec).dataset_ids()
+        except ValueError:
+            continue
+        if dataset_id in ids:
+            using.append(run.id)
+    return using
+
+
+def delete_dataset(session: Session, store: BlobStore, team: Team, dataset_id: str) -> None:
+    """Deletes the dataset and its blob; 409 while an active run uses it."""
+    dataset = get_dataset(session, team, dataset_id)
+    using = runs_using(session, team, dataset_id)
+    if using:
+        raise Conflict(f"dataset {dataset_id} is used by active run(s) {', '.join(using)}; cancel them or "
+                       "wait until they finish", code="dataset_in_use", param="dataset_id")
+    key = dataset.blob_key
+    session.delete(dataset)
+    session.commit()
+    store.delete(key)

@@ -1,0 +1,191 @@
+"""Runs: create (validated against the team's datasets and models), list, get, cancel, events.
+
+A new run is committed first and only then announced with one `tuneyard.train_run` message on
+the `train` queue; if the broker is down the run stays `queued` and the reaper re-sends it.
+
+Dataset checks on create: an unknown dataset answers 422 (the request names something that does
+not exist; param `stages[i].datasets[j].id`), a dataset still `validating` answers 409 (retry once
+validation finished), an `invalid` dataset or one whose format the stage method cannot train on
+answers 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.broker import send_task
+from app.db.models import Dataset, Event, Run, RunStage, Team
+from app.errors import Conflict, NotFound, Unprocessable
+from app.ids import new_id
+from app.schemas.common import ListPage
+from app.schemas.runs import EventOut, RunOut, StageOut
+from app.services.models import base_model_dir, finished_checkpoint
+from app.services.pagination import paginate
+from app.services.run_states import IllegalTransition, transition_atomically
+from app.settings import Settings
+from trainer_core.config import METHOD_FORMATS, RunSpec
+
+log = logging.getLogger("tuneyard.runs")
+
+
+def request_hash(spec: RunSpec) -> str:
+    """Returns a stable hash of the submitted spec (to tell a retry from a different request)."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_dataset(dataset: Dataset | None, dataset_id: str, method: str, param: str) -> None:
+    if dataset is None:
+        raise Unprocessable(f"{param}: no dataset {dataset_id!r}", code="dataset_not_found", param=param)
+    if dataset.status == "validating":
+        raise Conflict(f"{param}: dataset {dataset_id} is still validating; retry when it is ready",
+                       code="dataset_not_ready", param=param)
+    if dataset.status != "ready":
+        raise Unprocessable(f"{param}: dataset {dataset_id} is {dataset.status}; fix the file and upload it "
+                            "again", code="dataset_invalid", param=param)
+    accepted = METHOD_FORMATS[method]
+    if dataset.format not in accepted:
+        raise Unprocessable(f"{param}: dataset {dataset_id} has format {dataset.format!r}, method {method!r} "
+                            f"trains on {' or '.join(accepted)}", code="dataset_format_mismatch", param=param)
+
+
+def check_run_inputs(session: Session, settings: Settings, team: Team, spec: RunSpec) -> None:
+    """Returns when every dataset and the base model of the spec are usable by the team."""
+    ids = spec.dataset_ids()
+    found = {d.id: d for d in session.scalars(
+        select(Dataset).where(Dataset.team_id == team.id, Dataset.id.in_(ids)))}
+    for i, stage in enumerate(spec.stages):
+        for j, ref in enumerate(stage.datasets):
+            _check_dataset(found.get(ref.id), ref.id, stage.method, f"stages[{i}].datasets[{j}].id")
+        if stage.eval_dataset:
+            _check_dataset(found.get(stage.eval_dataset), stage.eval_dataset, stage.method,
+                           f"stages[{i}].eval_dataset")
+    if base_model_dir(settings, spec.base_model) is None and finished_checkpoint(
+            session, team, spec.base_model) is None:
+        raise Unprocessable(f"base_model {spec.base_model!r} is neither a base model of this server "
+                            "(GET /v1/models) nor a finished checkpoint of your team",
+                            code="model_not_found", param="base_model")
+
+
+def _by_idempotency_key(session: Session, team: Team, key: str, digest: str) -> Run | None:
+    run = session.scalar(select(Run).where(Run.team_id == team.id, Run.idempotency_key == key))
+    if run is not None and run.request_hash != digest:
+        raise Conflict("Idempotency-Key was already used with a different request body; use a new key",
+                       code="idempotency_key_reused", param="Idempotency-Key")
+    return run
+
+
+def create_run(session: Session, settings: Settings, celery: Celery, team: Team, spec: RunSpec,
+               idempotency_key: str | None = None) -> tuple[Run, bool]:
+    """Returns (run, created); a retried request with the same Idempotency-Key returns the first run."""
+    digest = request_hash(spec)
+    if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key, digest)):
+        return existing, False
+    check_run_inputs(session, settings, team, spec)
+    run = Run(id=new_id("run"), team_id=team.id, name=spec.name, status="queued", base_model=spec.base_model,
+              spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, request_hash=digest,
+              attempt=0, max_attempts=settings.max_attempts)
+    run.stages = [RunStage(index=i, method=stage.method, status="pending", step=0)
+                  for i, stage in enumerate(spec.stages)]
+    session.add(run)
+    session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if not idempotency_key:
+            raise
+        existing = _by_idempotency_key(session, team, idempotency_key, digest)
+        if existing is None:
+            raise
+        return existing, False
+    if not send_task(celery, "tuneyard.train_run", [run.id]):
+        log.warning("run %s stays queued until the broker is back (the reaper re-sends it)", run.id)
+    return run, True
+
+
+def get_run(session: Session, team: Team, run_id: str) -> Run:
+    """Returns the team's run; 404 for a missing one or another team's."""
+    run = session.get(Run, run_id)
+    if run is None or run.team_id != team.id:
+        raise NotFound(f"no run {run_id!r}", param="run_id")
+    return run
+
+
+def run_progress(run: Run) -> float:
+    """Returns the fraction of the run done: finished stages plus the current stage's step share."""
+    if run.status == "succeeded":
+        return 1.0
+    if not run.stages:
+        return 0.0
+    done = 0.0
+    for stage in run.stages:
+        if stage.status == "succeeded":
+            done += 1
+        elif stage.total_steps:
+            done += min(stage.step / stage.total_steps, 1.0)
+    return round(done / len(run.stages), 4)
+
+
+def run_out(run: Run) -> RunOut:
+    return RunOut(
+        id=run.id, name=run.name, status=run.status, base_model=run.base_model, spec=run.spec,
+        stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(run),
+        attempt=run.attempt, error=run.error, created_at=run.created_at, started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def list_runs(session: Session, team: Team, *, status: str | None, limit: int,
+              after: str | None) -> ListPage[RunOut]:
+    stmt = select(Run).where(Run.team_id == team.id)
+    if status:
+        stmt = stmt.where(Run.status == status)
+    rows, has_more, cursor = paginate(session, stmt, Run.id, limit=limit, after=after)
+    return ListPage[RunOut](data=[run_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
+
+
+def cancel_run(session: Session, team: Team, run_id: str) -> Run:
+    """Returns the run after a cancel request: queued → cancelled now, running → cancelling.
+
+    Cancelling an already `cancelling` run is a no-op; a finished run answers 409.
+    """
+    run = get_run(session, team, run_id)
+    for _ in range(3):  # a worker may claim or finish the run between our read and our update
+        if run.status == "cancelling":
+            return run
+        target = "cancelled" if run.status == "queued" else "cancelling"
+        try:
+            moved = transition_atomically(session, run, target)
+        except IllegalTransition as exc:
+            raise Conflict(f"run {run.id} is {run.status}; only queued or running runs can be cancelled",
+                           code="run_not_cancellable") from exc
+        if moved:
+            break
+    else:
+        raise Conflict(f"run {run.id} changed state while cancelling; retry", code="run_state_changed")
+    if target == "cancelled":
+        for stage in run.stages:
+            if stage.status == "pending":
+                stage.status = "cancelled"
+    session.add(Event(run_id=run.id, attempt=run.attempt, kind="cancel_requested" if target == "cancelling"
+                      else "cancelled", message=f"cancel requested; run is {target}"))
+    session.commit()
+    return run
+
+
+def list_events(session: Session, team: Team, run_id: str, *, limit: int,
+                after: int | None) -> ListPage[EventOut]:
+    """Returns the run's events oldest first, after the cursor (an event id)."""
+    run = get_run(session, team, run_id)
+    stmt = select(Event).where(Event.run_id == run.id)
+    rows, has_more, cursor = paginate(session, stmt, Event.id, limit=limit, after=after, newest_first=False)
+    return ListPage[EventOut](data=[EventOut.model_validate(r) for r in rows], has_more=has_more,
+                              next_cursor=cursor)
