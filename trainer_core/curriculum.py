@@ -20,16 +20,7 @@ from typing import Any
 import torch
 
 from trainer_core.config import PromptCurriculum
-
-
-def _generator(*keys: int) -> torch.Generator:
-    generator = torch.Generator()
-    seed = 0
-    for key in keys:
-        # Polynomial mixing keeps distinct (seed, stage, epoch/step) tuples on distinct streams.
-        seed = (seed * 1_000_003 + key) % (2**63)
-    generator.manual_seed(seed)
-    return generator
+from trainer_core.generation import seeded_generator
 
 
 class DifficultyCurriculum:
@@ -106,7 +97,8 @@ class PromptSchedule:
         """Returns the prompt indices of 1-based ``step``."""
         if self.curriculum is not None:
             pool = [i for i, d in enumerate(self._difficulties) if d <= self.curriculum.level]
-            order = torch.randperm(len(pool), generator=_generator(self._seed, self._stage_index, step))
+            generator = seeded_generator(self._seed, self._stage_index, step)
+            order = torch.randperm(len(pool), generator=generator)
             return [pool[int(order[k % len(pool)])] for k in range(self._per_step)]
         count = len(self._difficulties)
         start = (step - 1) * self._per_step
@@ -115,7 +107,7 @@ class PromptSchedule:
         for position in range(start, start + self._per_step):
             epoch, offset = divmod(position, count)
             if epoch not in orders:
-                generator = _generator(self._seed, self._stage_index, epoch)
+                generator = seeded_generator(self._seed, self._stage_index, epoch)
                 orders[epoch] = torch.randperm(count, generator=generator)
             picked.append(int(orders[epoch][offset]))
         return picked

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from trainer_core.losses.common import IGNORE_INDEX, token_logps
 
@@ -63,12 +64,28 @@ class CompletionForward:
     hidden: torch.Tensor | None
 
 
-def seeded_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """Returns a generator on ``device`` whose stream depends only on (seed, step)."""
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Returns a generator on ``device`` whose stream depends only on ``keys`` (e.g. seed, stage, step)."""
+    seed = 0
+    for key in keys:
+        # Polynomial mixing with a large odd multiplier keeps distinct key tuples on distinct streams.
+        seed = (seed * 1_000_003 + key) % (2**63)
     generator = torch.Generator(device=device)
-    # A large odd multiplier keeps (seed, step) pairs from colliding for any realistic step count.
-    generator.manual_seed((seed * 1_000_003 + step) % (2**63))
+    generator.manual_seed(seed)
     return generator
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Returns the ids that end a completion: the tokenizer's eos and the generation config's eos ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(config_eos)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the generation config names an eos token")
+    return sorted(ids)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def model(tiny_model_dir: Path) -> PreTrainedModel:
 
 def _sample(model: PreTrainedModel, seed: int, **kwargs: object) -> Completions:
     options: dict = {"max_new_tokens": 12, "eos_token_ids": [4], "pad_token_id": PAD} | kwargs
-    return sample_completions(model, PROMPTS, generator=seeded_generator(seed, step=3), **options)
+    return sample_completions(model, PROMPTS, generator=seeded_generator(seed, 3), **options)
 
 
 def test_left_pad_aligns_prompts_right() -> None:

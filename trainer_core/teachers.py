@@ -1,0 +1,247 @@
+"""Teacher distributions for SAD distillation: stored in the dataset, from a local model, or from SGLang.
+
+Alignment convention (the one ``losses.sad`` uses): a teacher distribution at position t of a
+sequence is the teacher's prediction of token t+1, exactly like the student's logits at t. Every
+source returns a ``TeacherBatch`` shaped like the student's [B, T] batch, with ``available``
+marking the positions the source has a distribution for.
+
+Distillation compares token ids across the two models, so teacher and student must share one
+vocabulary; every source checks it before training (``TrainingDataError`` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from trainer_core.errors import TrainingDataError
+from trainer_core.losses.sad import DenseTeacher, SparseTeacher, Teacher
+
+# Printable ASCII text for the SGLang vocabulary probe: its tokens decode to the same strings in
+# any tokenizer that has them, so differing texts mean differing vocabularies.
+PROBE_TEXT = "Thought: I need to add 12 and 7.\nAction: calculator[12+7]\nObservation: 19\nAnswer: 19"
+
+
+@dataclass(frozen=True)
+class TeacherBatch:
+    """A teacher distribution on a student batch's positions and where it exists (``available`` [B, T])."""
+
+    teacher: Teacher
+    available: torch.Tensor
+
+
+def check_same_vocabulary(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_name: str
+) -> None:
+    """Returns nothing; raises TrainingDataError when the tokenizers map any token to different ids."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    differing = sorted(
+        token for token in student_vocab.keys() | teacher_vocab.keys()
+        if student_vocab.get(token) != teacher_vocab.get(token)
+    )
+    raise TrainingDataError(
+        f"teacher {teacher_name!r} has a different tokenizer than the student "
+        f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; {len(differing)} differ, e.g. "
+        f"{differing[:3]}): distillation needs the same vocabulary and ids — pick a teacher from the "
+        "student's model family"
+    )
+
+
+def _sparse_padding(batch: int, width: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Positions without a teacher get a harmless uniform top-k over distinct ids; `available` keeps
+    # them out of the loss.
+    ids = torch.arange(top_k).expand(batch, width, top_k).clone()
+    logprobs = torch.full((batch, width, top_k), -math.log(top_k))
+    return ids, logprobs
+
+
+def stored_teacher(
+    records: Sequence[dict[str, Any]],
+    input_ids: torch.Tensor,
+    trajectory_starts: Sequence[int],
+    vocab_size: int,
+) -> TeacherBatch | None:
+    """Returns the top-k stored in trajectory records, aligned to a right-padded batch (None if none stored).
+
+    ``trajectory_starts[b]``: position of trajectory token t_0 in row b of ``input_ids`` [B, T].
+    A record's row i predicts t_{offset+i} (``data.records``), so it lands on position
+    start + offset + i - 1. Rows of a batch are cut to the smallest k among its records (each row
+    keeps its most likely entries). Raises TrainingDataError on ids outside the vocabulary or
+    stored ``token_ids`` that disagree with the tokenised trajectory.
+    """
+    stored = [record.get("teacher_logprobs") for record in records]
+    if not any(stored):
+        return None
+    top_k = min(len(s["top_k_ids"][0]) for s in stored if s)
+    batch, width = input_ids.shape
+    ids, logprobs = _sparse_padding(batch, width, top_k)
+    available = torch.zeros(batch, width, dtype=torch.bool)
+    for b, (entry, start) in enumerate(zip(stored, trajectory_starts, strict=True)):
+        if not entry:
+            continue
+        row_ids = torch.tensor(entry["top_k_ids"], dtype=torch.long)
+        row_logprobs = torch.tensor(entry["top_k_logprobs"], dtype=torch.float32)
+        if int(row_ids.max()) >= vocab_size:
+            raise TrainingDataError(
+                f"record {b} of the batch: teacher_logprobs.top_k_ids has id {int(row_ids.max())} outside "
+                f"the student's vocabulary ({vocab_size} tokens): the logprobs come from another tokenizer"
+            )
+        row_logprobs, order = row_logprobs.sort(dim=-1, descending=True)
+        row_ids = row_ids.gather(-1, order)[:, :top_k]
+        row_logprobs = row_logprobs[:, :top_k]
+        targets = start + entry.get("offset", 0) + torch.arange(len(row_ids))
+        expected = entry.get("token_ids")
+        inside = targets < width
+        if expected is not None:
+            actual = input_ids[b, targets[inside]].tolist()
+            if actual != list(expected)[: len(actual)]:
+                raise TrainingDataError(
+                    f"record {b} of the batch: teacher_logprobs.token_ids do not match the tokenised "
+                    "trajectory: the logprobs were computed on different text or another tokenizer"
+                )
+        positions = targets - 1
+        keep = inside & (positions >= 0)
+        ids[b, positions[keep]] = row_ids[keep]
+        logprobs[b, positions[keep]] = row_logprobs[keep]
+        available[b, positions[keep]] = True
+    return TeacherBatch(SparseTeacher(ids, logprobs), available)
+
+
+def _load_teacher_model(model_path: Path) -> tuple[torch.nn.Module, Path]:
+    """Returns the teacher model (base, merged, or adapter over its base) and the folder of its tokenizer."""
+    adapter_config = model_path / "adapter_config.json"
+    if not adapter_config.exists():
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path
+    base_path = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+    if not base_path.is_dir():
+        raise TrainingDataError(
+            f"teacher adapter {model_path} was trained on base model {base_path}, which is not available here"
+        )
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, model_path)
+    has_tokenizer = (model_path / "tokenizer_config.json").exists()
+    return model, model_path if has_tokenizer else base_path
+
+
+class LocalTeacher:
+    """A teacher model run in-process: a base model folder, a merged folder, or a PEFT adapter folder.
+
+    ``top_k=None`` gives the dense distribution (all logits); otherwise the top-k log-probs.
+    """
+
+    def __init__(self, model_path: Path | str, top_k: int | None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.top_k = top_k
+        model, tokenizer_dir = _load_teacher_model(Path(model_path))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.name = str(model_path)
+
+    def check_vocabulary(self, student: PreTrainedTokenizerBase) -> None:
+        """Returns nothing; raises TrainingDataError when the student's tokenizer differs."""
+        check_same_vocabulary(student, self.tokenizer, self.name)
+
+    @torch.no_grad()
+    def distributions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherBatch:
+        """Returns the teacher's distribution at every real position of a right-padded batch."""
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        ).logits.float()
+        available = attention_mask.bool().to(self.device)
+        if self.top_k is None:
+            return TeacherBatch(DenseTeacher(logits), available)
+        logprobs, ids = logits.log_softmax(dim=-1).topk(self.top_k, dim=-1)
+        return TeacherBatch(SparseTeacher(ids, logprobs), available)
+
+
+class SGLangTeacher:
+    """Prompt top-k log-probs from an SGLang server's native ``POST /generate`` (no sglang install).
+
+    The request scores the given ids without generating (``max_new_tokens: 0``, ``logprob_start_len:
+    0``); ``meta_info.input_top_logprobs`` has one entry per input token, entry i being the top-k
+    ``[logprob, token_id, text]`` for predicting token i (entry 0 is null: nothing precedes it). So
+    the distribution at student position t is entry t+1, and the last position has none.
+    """
+
+    def __init__(
+        self, url: str, top_k: int, client: httpx.Client | None = None, timeout_s: float = 120.0
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.top_k = top_k
+        self._client = client or httpx.Client(timeout=timeout_s)
+
+    def _generate(self, sequences: list[list[int]], with_text: bool = False) -> list[dict[str, Any]]:
+        """Returns SGLang's ``meta_info`` for each sequence (one batched request)."""
+        payload = {
+            "input_ids": sequences,
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": self.top_k,
+            "return_text_in_logprobs": with_text,
+        }
+        try:
+            response = self._client.post(f"{self.url}/generate", json=payload)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"SGLang teacher at {self.url} failed to score the batch: {exc}") from exc
+        body = response.json()
+        items = body if isinstance(body, list) else [body]
+        if len(items) != len(sequences):
+            raise RuntimeError(f"SGLang returned {len(items)} results for {len(sequences)} sequences")
+        return [item["meta_info"] for item in items]
+
+    def check_vocabulary(self, student: PreTrainedTokenizerBase) -> None:
+        """Returns nothing; raises TrainingDataError when the server's tokens read differently.
+
+        Sends a probe text tokenised by the student and compares the text the server gives for each
+        echoed id with the student's decoding of it.
+        """
+        probe = student(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        meta = self._generate([probe], with_text=True)[0]
+        served = [entry for entry in meta["input_token_logprobs"] if entry is not None]
+        mismatched = [
+            (int(token_id), text, student.decode([int(token_id)]))
+            for _, token_id, text in served
+            if text != student.decode([int(token_id)])
+        ]
+        if mismatched:
+            token_id, theirs, ours = mismatched[0]
+            raise TrainingDataError(
+                f"SGLang teacher at {self.url} has a different tokenizer than the student: token "
+                f"{token_id} reads {theirs!r} there and {ours!r} here; serve a model that shares the "
+                "student's vocabulary"
+            )
+
+    def distributions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherBatch:
+        """Returns the server's top-k at every position of a right-padded batch that predicts a real token."""
+        batch, width = input_ids.shape
+        lengths = attention_mask.sum(dim=-1).tolist()
+        sequences = [input_ids[b, : lengths[b]].tolist() for b in range(batch)]
+        ids, logprobs = _sparse_padding(batch, width, self.top_k)
+        available = torch.zeros(batch, width, dtype=torch.bool)
+        for b, meta in enumerate(self._generate(sequences)):
+            entries = meta["input_top_logprobs"]
+            if len(entries) != lengths[b]:
+                raise RuntimeError(
+                    f"SGLang returned {len(entries)} input_top_logprobs for {lengths[b]} input tokens"
+                )
+            for position, entry in enumerate(entries[1:]):
+                row = sorted(entry, key=lambda item: item[0], reverse=True)[: self.top_k]
+                if len(row) < self.top_k:
+                    raise RuntimeError(f"SGLang returned {len(row)} top logprobs, asked for {self.top_k}")
+                logprobs[b, position] = torch.tensor([float(item[0]) for item in row])
+                ids[b, position] = torch.tensor([int(item[1]) for item in row])
+                available[b, position] = True
+        return TeacherBatch(SparseTeacher(ids, logprobs), available)
