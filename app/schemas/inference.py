@@ -155,6 +155,10 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
-def dump_chunk(chunk: BaseModel) -> dict[str, Any]:
-    """Returns the JSON-ready dict of a stream chunk (unset optional fields left out)."""
-    return chunk.model_dump(mode="json", exclude_none=True)
+def dump_chunk(chunk: ChatCompletionChunk | Completion) -> dict[str, Any]:
+    """Returns the JSON-ready dict of a stream chunk: empty fields left out, `finish_reason` always there
+    (null until the choice ends), as OpenAI sends it."""
+    data = chunk.model_dump(mode="json", exclude_none=True)
+    for raw, choice in zip(data["choices"], chunk.choices, strict=True):
+        raw["finish_reason"] = choice.finish_reason
+    return data
