@@ -1,0 +1,271 @@
+// One run: header with actions, stage timeline, live charts, events and checkpoints.
+// Live data comes from the SSE stream; if the stream cannot be kept open, the page polls.
+
+import { api } from "../api.js";
+import { MetricChart } from "../charts.js";
+import { errorMessage, fill, h, isTerminal, notify, statusBadge } from "../dom.js";
+import { elapsedSeconds, formatDate, formatDuration } from "../format.js";
+import { CHART_SPECS, MetricStore, toPoints } from "../metrics.js";
+import { openStream } from "../stream.js";
+import { progressCell, runProgress } from "./runs.js";
+import { EventsLog, checkpointsTable, stageTimeline } from "./run-parts.js";
+
+const POLL_MS = 2000;
+const RUN_REFRESH_MS = 3000;
+const CANCELLABLE = new Set(["queued", "running"]);
+const RESUMABLE = new Set(["failed", "cancelled"]);
+
+export function renderRun(view, runId) {
+  const base = `/v1/runs/${encodeURIComponent(runId)}`;
+  const store = new MetricStore();
+  const events = new EventsLog();
+  const charts = new Map(CHART_SPECS.map((spec) => [spec.id, new MetricChart(spec)]));
+  let run = null;
+  let stage = null; // the stage whose charts are shown
+  let followStage = true; // follow the running stage until the user picks one
+  let stream = null;
+  let timers = [];
+  let drawPending = false;
+  let disposed = false;
+
+  const header = h("div", { class: "view-header" });
+  const summary = h("dl", { class: "summary" });
+  const timeline = h("section", { "aria-labelledby": "timeline-title" });
+  const stagePicker = h("div", { class: "stage-picker", role: "group", "aria-label": "Stage shown in the charts" });
+  const chartGrid = h("div", { class: "charts" }, [...charts.values()].map((c) => c.element));
+  const liveState = h("span", { class: "live muted small", id: "live-state", "aria-live": "polite" });
+  const checkpointsBox = h("div", {}, h("p", { class: "muted" }, "Loading checkpoints…"));
+  const cancel = h("button", { type: "button", id: "cancel-run", class: "button-danger" }, "Cancel run");
+  const resume = h("button", { type: "button", id: "resume-run" }, "Resume run");
+
+  fill(
+    view,
+    h("p", { class: "breadcrumb" }, h("a", { href: "#/runs" }, "← All runs")),
+    header,
+    summary,
+    timeline,
+    h(
+      "section",
+      { "aria-labelledby": "charts-title" },
+      h("div", { class: "section-head" }, h("h2", { id: "charts-title" }, "Metrics"), liveState),
+      stagePicker,
+      chartGrid,
+    ),
+    events.element,
+    h("section", { "aria-labelledby": "checkpoints-title" }, h("h2", { id: "checkpoints-title" }, "Checkpoints"), checkpointsBox),
+  );
+
+  function renderRunInfo() {
+    fill(
+      header,
+      h("h1", {}, run.name || run.id, " ", statusBadge(run.status)),
+      h("div", { class: "actions" }, cancel, resume),
+    );
+    cancel.disabled = !CANCELLABLE.has(run.status);
+    resume.disabled = !RESUMABLE.has(run.status);
+    const error = run.error ? `${run.error.code ?? run.error.type ?? "error"}: ${run.error.message ?? ""}` : null;
+    fill(
+      summary,
+      [
+        ["ID", h("span", { class: "mono" }, run.id)],
+        ["Base model", run.base_model],
+        ["Progress", progressCell(run)],
+        ["Created", formatDate(run.created_at)],
+        ["Duration", formatDuration(elapsedSeconds(run.started_at, run.finished_at))],
+        ["Attempt", String(run.attempt ?? "—")],
+        error && ["Error", h("span", { class: "form-error" }, error)],
+      ]
+        .filter(Boolean)
+        .map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value))),
+    );
+    fill(timeline, h("h2", { id: "timeline-title" }, "Stages"), stageTimeline(run.stages));
+    if (followStage) stage = currentStage();
+    renderStagePicker();
+    scheduleDraw();
+  }
+
+  function currentStage() {
+    const progress = runProgress(run);
+    if (progress.stage != null) return progress.stage;
+    const active = run.stages?.find((s) => s.status === "running") ?? run.stages?.findLast((s) => s.status !== "pending");
+    return active?.index ?? 0;
+  }
+
+  function renderStagePicker() {
+    const stages = run.stages ?? [];
+    stagePicker.hidden = stages.length < 2;
+    fill(
+      stagePicker,
+      stages.map((s) => {
+        const button = h(
+          "button",
+          { type: "button", class: "chip", "aria-pressed": String(s.index === stage) },
+          `Stage ${s.index + 1} · ${s.method}`,
+        );
+        button.addEventListener("click", () => {
+          followStage = false;
+          stage = s.index;
+          renderStagePicker();
+          scheduleDraw();
+        });
+        return button;
+      }),
+    );
+  }
+
+  function scheduleDraw() {
+    if (drawPending) return;
+    drawPending = true;
+    requestAnimationFrame(() => {
+      drawPending = false;
+      if (disposed || stage == null) return;
+      for (const spec of CHART_SPECS) {
+        const { steps, series } = store.chartData(spec, stage);
+        const chart = charts.get(spec.id);
+        chart.element.hidden = spec.id !== "loss" && steps.length === 0;
+        if (!chart.element.hidden) chart.update(steps, series);
+      }
+    });
+  }
+
+  function addMetrics(payload) {
+    if (store.add(toPoints(payload)) > 0) scheduleDraw();
+  }
+
+  function setRun(next) {
+    run = { ...run, ...next };
+    renderRunInfo();
+    if (isTerminal(run.status)) stopLive();
+  }
+
+  async function refreshRun() {
+    try {
+      setRun(await api(base));
+    } catch (err) {
+      if (err.status === 404) notify("This run no longer exists.", "error");
+    }
+  }
+
+  async function refreshCheckpoints() {
+    try {
+      const page = await api(`${base}/checkpoints`, { query: { limit: 100 } });
+      fill(checkpointsBox, checkpointsTable(page.data ?? page));
+    } catch (err) {
+      fill(checkpointsBox, h("p", { class: "form-error" }, `Could not load checkpoints: ${errorMessage(err)}`));
+    }
+  }
+
+  async function loadEvents(after) {
+    const page = await api(`${base}/events`, { query: { limit: 100, after } });
+    events.add(page.data ?? page);
+  }
+
+  function onStreamMessage({ event, data }) {
+    if (event === "metrics" || event === "metric") addMetrics(data);
+    else if (event === "event") events.add([data]);
+    else if (event === "checkpoint") refreshCheckpoints();
+    else if (event === "status" || event === "run" || event === "progress") {
+      setRun(data?.object === "run" ? data : { ...pickRunFields(data) });
+      refreshRun();
+    } else if (event === "end" || event === "done") {
+      refreshRun();
+      refreshCheckpoints();
+      return "close";
+    }
+    return isTerminal(run.status) ? "close" : undefined;
+  }
+
+  function startLive() {
+    liveState.textContent = "Connecting…";
+    stream = openStream(`${base}/stream`, {
+      onOpen: () => (liveState.textContent = "● Live"),
+      onMessage: onStreamMessage,
+      onFallback: () => {
+        if (!disposed && !isTerminal(run.status)) startPolling();
+      },
+    });
+    // Progress and ETA change every step; the run object carries them, so refresh it on a timer too.
+    every(RUN_REFRESH_MS, refreshRun);
+  }
+
+  function startPolling() {
+    liveState.textContent = "Polling (stream unavailable)";
+    every(POLL_MS, async () => {
+      await refreshRun();
+      const after = store.lastStep(stage);
+      addMetrics(await api(`${base}/metrics`, { query: { stage, after_step: after ?? undefined } }));
+      await loadEvents(events.lastId ?? undefined);
+    });
+  }
+
+  function every(ms, task) {
+    const tick = async () => {
+      if (disposed) return;
+      try {
+        await task();
+      } catch {
+        // a missed refresh is retried on the next tick
+      }
+      if (!disposed && !isTerminal(run.status)) timers.push(setTimeout(tick, ms));
+    };
+    timers.push(setTimeout(tick, ms));
+  }
+
+  function stopLive() {
+    stream?.close();
+    stream = null;
+    timers.forEach(clearTimeout);
+    timers = [];
+    liveState.textContent = `Finished (${run.status})`;
+  }
+
+  async function act(action, button) {
+    button.disabled = true;
+    try {
+      setRun(await api(`${base}/${action}`, { method: "POST" }));
+      notify(action === "cancel" ? "Cancellation requested." : "Run resumed.");
+      if (action === "resume" && !stream && !timers.length) startLive();
+    } catch (err) {
+      notify(`Could not ${action} the run: ${errorMessage(err)}`, "error");
+      renderRunInfo();
+    }
+  }
+
+  cancel.addEventListener("click", () => {
+    if (window.confirm(`Cancel run ${run.name || run.id}? It saves a checkpoint and stops.`)) act("cancel", cancel);
+  });
+  resume.addEventListener("click", () => act("resume", resume));
+
+  (async () => {
+    try {
+      run = await api(base);
+    } catch (err) {
+      fill(view, h("p", { class: "breadcrumb" }, h("a", { href: "#/runs" }, "← All runs")), h("p", { class: "form-error", role: "alert" }, `Could not load run ${runId}: ${errorMessage(err)}`));
+      return;
+    }
+    renderRunInfo();
+    await Promise.allSettled([
+      api(`${base}/metrics`).then(addMetrics),
+      loadEvents(),
+      refreshCheckpoints(),
+    ]);
+    if (disposed) return;
+    if (isTerminal(run.status)) liveState.textContent = `Finished (${run.status})`;
+    else startLive();
+  })();
+
+  return () => {
+    disposed = true;
+    stream?.close();
+    timers.forEach(clearTimeout);
+    charts.forEach((c) => c.destroy());
+  };
+}
+
+function pickRunFields(data) {
+  if (!data || typeof data !== "object") return {};
+  const { status, progress, stages, error, finished_at, started_at } = data;
+  return Object.fromEntries(
+    Object.entries({ status, progress, stages, error, finished_at, started_at }).filter(([, v]) => v !== undefined),
+  );
+}

@@ -1,0 +1,158 @@
+// Runs table: status filter, cursor pagination, refreshed while any run on the page is active.
+
+import { api } from "../api.js";
+import { errorMessage, fill, h, isTerminal, progressBar, statusBadge } from "../dom.js";
+import { elapsedSeconds, formatDate, formatDuration } from "../format.js";
+
+const PAGE_SIZE = 50;
+const REFRESH_MS = 5000;
+const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
+
+export function stagesSummary(stages = []) {
+  return h(
+    "ol",
+    { class: "stage-chips", "aria-label": "Stages" },
+    stages.map((s) =>
+      h("li", { class: `stage-chip stage-${s.status}`, title: `stage ${s.index + 1}: ${s.method}, ${s.status}` }, s.method),
+    ),
+  );
+}
+
+/**
+ * Returns {stage, step, total_steps, fraction, eta_seconds} of a run. The API gives this object;
+ * when it gives only a fraction, step and total come from the stage that is running (or ran last).
+ */
+export function runProgress(run) {
+  if (run.progress && typeof run.progress === "object") return run.progress;
+  const stages = run.stages ?? [];
+  const stage = stages.find((s) => s.status === "running") ?? stages.findLast((s) => s.status !== "pending");
+  return {
+    stage: stage?.index ?? null,
+    step: stage?.step ?? null,
+    total_steps: stage?.total_steps ?? null,
+    fraction: typeof run.progress === "number" ? run.progress : null,
+    eta_seconds: null,
+  };
+}
+
+/** The progress cell: bar plus "step / total · ETA". */
+export function progressCell(run) {
+  const p = runProgress(run);
+  const total = p.total_steps;
+  const fraction = p.fraction ?? (total ? (p.step ?? 0) / total : run.status === "succeeded" ? 1 : null);
+  const parts = [];
+  if (p.step != null) parts.push(total ? `${p.step} / ${total}` : `step ${p.step}`);
+  if (p.eta_seconds != null && !isTerminal(run.status)) parts.push(`ETA ${formatDuration(p.eta_seconds)}`);
+  const text = parts.join(" · ") || (run.status === "queued" ? "waiting" : "—");
+  return h("div", { class: "progress-cell" }, progressBar(fraction, `Progress of ${run.name ?? run.id}`), h("span", { class: "muted small" }, text));
+}
+
+function runRow(run) {
+  return h(
+    "tr",
+    { dataset: { runId: run.id } },
+    h(
+      "td",
+      { class: "cell-name" },
+      h("a", { href: `#/runs/${run.id}` }, run.name || run.id),
+      h("div", { class: "muted small mono" }, run.id),
+    ),
+    h("td", {}, statusBadge(run.status)),
+    h("td", {}, stagesSummary(run.stages)),
+    h("td", { class: "cell-progress" }, progressCell(run)),
+    h("td", { class: "cell-created" }, formatDate(run.created_at)),
+    h("td", { class: "cell-duration" }, formatDuration(elapsedSeconds(run.started_at, run.finished_at))),
+  );
+}
+
+export function renderRuns(view, params) {
+  const status = STATUSES.includes(params.get("status")) ? params.get("status") : "";
+  const cursors = [null]; // the `after` of each page seen, so "Previous" can go back
+  let page = null;
+  let timer = null;
+  let disposed = false;
+
+  const filter = h(
+    "select",
+    { id: "status-filter", name: "status" },
+    h("option", { value: "" }, "All statuses"),
+    STATUSES.map((s) => h("option", { value: s, selected: s === status }, s)),
+  );
+  filter.addEventListener("change", () => {
+    location.hash = filter.value ? `#/runs?status=${filter.value}` : "#/runs";
+  });
+  const tbody = h("tbody");
+  const table = h(
+    "table",
+    { id: "runs-table", class: "table" },
+    h("caption", { class: "visually-hidden" }, "Training runs, newest first"),
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        ["Name", "Status", "Stages", "Progress", "Created", "Duration"].map((t) =>
+          h("th", { scope: "col", class: `col-${t.toLowerCase()}` }, t),
+        ),
+      ),
+    ),
+    tbody,
+  );
+  const prev = h("button", { type: "button", id: "runs-prev", disabled: true }, "Previous page");
+  const next = h("button", { type: "button", id: "runs-next", disabled: true }, "Next page");
+  const pageInfo = h("span", { class: "muted", "aria-live": "polite" });
+  const message = h("p", { class: "muted", role: "status" }, "Loading runs…");
+
+  fill(
+    view,
+    h(
+      "div",
+      { class: "view-header" },
+      h("h1", {}, "Runs"),
+      h("div", { class: "field-inline" }, h("label", { for: "status-filter" }, "Status"), filter),
+    ),
+    message,
+    h("div", { class: "table-scroll" }, table),
+    h("nav", { class: "pager", "aria-label": "Runs pages" }, prev, pageInfo, next),
+  );
+
+  async function load() {
+    clearTimeout(timer);
+    const after = cursors.at(-1);
+    try {
+      page = await api("/v1/runs", { query: { limit: PAGE_SIZE, after, status } });
+    } catch (err) {
+      if (!disposed) message.textContent = `Could not load runs: ${errorMessage(err)}`;
+      return;
+    }
+    if (disposed) return;
+    fill(tbody, page.data.map(runRow));
+    message.textContent = page.data.length ? "" : status ? `No ${status} runs.` : "No runs yet. Submit one with POST /v1/runs.";
+    message.hidden = page.data.length > 0;
+    prev.disabled = cursors.length <= 1;
+    next.disabled = !page.has_more;
+    pageInfo.textContent = `Page ${cursors.length}`;
+    if (page.data.some((r) => !isTerminal(r.status))) timer = setTimeout(load, REFRESH_MS);
+    if (!document.body.dataset.ready) {
+      document.body.dataset.ready = "runs";
+      performance.mark("tuneyard:runs-interactive");
+    }
+  }
+
+  next.addEventListener("click", () => {
+    if (!page?.next_cursor) return;
+    cursors.push(page.next_cursor);
+    load();
+  });
+  prev.addEventListener("click", () => {
+    if (cursors.length > 1) cursors.pop();
+    load();
+  });
+
+  load();
+  return () => {
+    disposed = true;
+    clearTimeout(timer);
+  };
+}

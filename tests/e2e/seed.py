@@ -1,0 +1,62 @@
+"""Rows written straight into the service's database, as the worker would write them."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Dataset, Event, Metric, Run, RunStage
+from app.ids import new_id
+
+SFT_SPEC = {
+    "name": "seeded",
+    "base_model": "tiny-llama",
+    "stages": [{"method": "sft", "datasets": [{"id": "ds_seeded"}], "max_steps": 200}],
+}
+
+
+def seed_running_run(sessions: sessionmaker[Session], team_id: str, name: str, total_steps: int = 200) -> str:
+    """Returns the id of a new run that is `running` its only SFT stage at step 0."""
+    now = datetime.now(UTC)
+    run = Run(id=new_id("run"), team_id=team_id, name=name, status="running", base_model="tiny-llama",
+              spec={**SFT_SPEC, "name": name}, attempt=1, started_at=now - timedelta(minutes=2),
+              lease_owner="seed", heartbeat_at=now)
+    run.stages = [RunStage(index=0, method="sft", status="running", step=0, total_steps=total_steps,
+                           started_at=now - timedelta(minutes=2))]
+    with sessions() as session:
+        session.add(run)
+        session.flush()
+        session.add(Event(run_id=run.id, attempt=1, kind="stage_started", message="stage 1 (sft) started"))
+        session.commit()
+    return run.id
+
+
+def add_train_steps(sessions: sessionmaker[Session], run_id: str, first: int, last: int) -> None:
+    """Writes train metric rows for steps first..last (a decaying loss) and moves the stage's step."""
+    with sessions() as session:
+        for step in range(first, last + 1):
+            session.add(Metric(run_id=run_id, stage_index=0, step=step, split="train",
+                               values={"loss": 3.0 * math.exp(-step / 60) + 0.5, "lr": 2e-4,
+                                       "grad_norm": 1.0}))
+            if step % 10 == 0:
+                session.add(Metric(run_id=run_id, stage_index=0, step=step, split="eval",
+                                   values={"loss": 3.2 * math.exp(-step / 70) + 0.6}))
+        stage = session.get(RunStage, (run_id, 0))
+        stage.step = last
+        session.commit()
+
+
+def seed_invalid_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
+    """Returns the id of an `invalid` SFT dataset with two validation errors."""
+    dataset = Dataset(
+        id=new_id("ds"), team_id=team_id, name="broken-chats.jsonl", format="sft", status="invalid",
+        num_records=41, size_bytes=18_432, sha256="0" * 64, blob_key="datasets/none", stats={"records": 41},
+        errors=[{"line": 7, "field": "messages[1].role", "message": "role must be user, assistant or system"},
+                {"line": 19, "field": "messages", "message": "a conversation needs an assistant turn"}],
+    )
+    with sessions() as session:
+        session.add(dataset)
+        session.commit()
+    return dataset.id
