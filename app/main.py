@@ -14,7 +14,7 @@ from app.broker import create_celery
 from app.db.session import make_session_factory
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
-from app.routes import datasets, models, ops, runs
+from app.routes import dashboard, datasets, models, ops, runs
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -26,6 +26,7 @@ ROUTERS: list[APIRouter] = [
     models.router,
     datasets.router,
     runs.router,
+    dashboard.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}
