@@ -1,0 +1,42 @@
+"""Eval routes: create, list, get."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, StoreDep
+from app.errors import error_responses
+from app.schemas.common import MAX_PAGE, ListPage
+from app.schemas.evals import EvalCreate, EvalOut
+from app.services import evals as service
+
+router = APIRouter(prefix="/v1/evals", tags=["evals"])
+
+
+@router.post("", response_model=EvalOut, status_code=201, responses=error_responses(401, 404, 409, 422))
+async def create_eval(
+    body: EvalCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    team: CurrentTeam,
+) -> EvalOut:
+    return await service.create_eval_async(session, settings, store, celery, team, body)
+
+
+@router.get("", response_model=ListPage[EvalOut], responses=error_responses(401, 422))
+def list_evals(
+    session: SessionDep,
+    team: CurrentTeam,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListPage[EvalOut]:
+    return service.list_evals(session, team, limit=limit, after=after)
+
+
+@router.get("/{eval_id}", response_model=EvalOut, responses=error_responses(401, 404))
+def get_eval(eval_id: str, session: SessionDep, team: CurrentTeam) -> EvalOut:
+    return service.to_out(service.get_eval(session, team, eval_id))
