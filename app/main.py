@@ -14,7 +14,7 @@ from app.broker import create_celery
 from app.db.session import make_session_factory
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
-from app.routes import dashboard, datasets, models, ops, runs
+from app.routes import dashboard, datasets, evals, inference, models, ops, runs
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -27,6 +27,8 @@ ROUTERS: list[APIRouter] = [
     datasets.router,
     runs.router,
     dashboard.router,
+    inference.router,
+    evals.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}
