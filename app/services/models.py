@@ -46,6 +46,23 @@ def finished_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Che
     )
 
 
+def finished_checkpoints(session: Session, team: Team) -> list[ModelOut]:
+    """Returns the team's exported (adapter or merged) checkpoints, oldest first."""
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(
+            Checkpoint.team_id == team.id,
+            Checkpoint.kind.in_(("adapter", "merged")),
+            Checkpoint.deleted_at.is_(None),
+        )
+        .order_by(Checkpoint.created_at, Checkpoint.id)
+    ).all()
+    return [
+        ModelOut(id=c.id, created=int(c.created_at.timestamp()), owned_by=team.name, kind=c.kind)  # type: ignore[arg-type]
+        for c in rows
+    ]
+
+
 def list_models(session: Session, settings: Settings, team: Team) -> list[ModelOut]:
-    """Returns the models the team can use: base models now; finished checkpoints are added here."""
-    return base_models(settings)
+    """Returns the models the team can use: the server's base models, then its finished checkpoints."""
+    return base_models(settings) + finished_checkpoints(session, team)
