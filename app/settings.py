@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_seconds: float = Field(60.0, gt=0, description="a run whose heartbeat is older is re-queued")
-    queued_grace_seconds: float = Field(120.0, gt=0, description="a queued run unclaimed this long is re-sent")
+    queued_grace_seconds: float = Field(
+        120.0, gt=0, description="a queued run unclaimed this long is re-sent"
+    )
     max_attempts: int = Field(3, ge=1)
     reaper_interval_seconds: float = Field(10.0, gt=0)
     inference_backend: str = Field("local", pattern="^(local|sglang)$")

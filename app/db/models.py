@@ -53,6 +53,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit id.
+BIG_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
@@ -131,7 +135,8 @@ class RunStage(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     method: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending|running|succeeded|failed|cancelled
+    # pending|running|succeeded|failed|cancelled
+    status: Mapped[str] = mapped_column(String(20), default="pending")
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None]
     started_at: Mapped[datetime | None]
@@ -147,7 +152,7 @@ class Metric(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "stage_index", "step", "split", name="uq_metrics_point"),
     )
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     stage_index: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
@@ -158,7 +163,7 @@ class Metric(Base):
 
 class Event(Base):
     __tablename__ = "events"
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     kind: Mapped[str] = mapped_column(String(40))

@@ -95,17 +95,16 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
     run.stages = [RunStage(index=i, method=stage.method, status="pending", step=0)
                   for i, stage in enumerate(spec.stages)]
     session.add(run)
-    session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
     try:
-        session.commit()
-    except IntegrityError:
+        session.flush()  # the run row first: events reference it without an ORM relationship
+    except IntegrityError:  # the same Idempotency-Key committed concurrently
         session.rollback()
-        if not idempotency_key:
-            raise
-        existing = _by_idempotency_key(session, team, idempotency_key, digest)
+        existing = _by_idempotency_key(session, team, idempotency_key, digest) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
+    session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
+    session.commit()
     if not send_task(celery, "tuneyard.train_run", [run.id]):
         log.warning("run %s stays queued until the broker is back (the reaper re-sends it)", run.id)
     return run, True
