@@ -9,6 +9,7 @@ export class EventStreamParser {
   constructor(onMessage) {
     this.onMessage = onMessage;
     this.buffer = "";
+    this.pendingCR = false;
     this.delivered = 0;
     this.event = "";
     this.data = [];
@@ -16,7 +17,9 @@ export class EventStreamParser {
   }
 
   push(chunk) {
-    this.buffer += chunk;
+    // A CRLF split across two chunks: the CR already ended the line, so drop the LF.
+    this.buffer += this.pendingCR && chunk.startsWith("\n") ? chunk.slice(1) : chunk;
+    this.pendingCR = this.buffer.endsWith("\r");
     const lines = this.buffer.split(/\r\n|\r|\n/);
     this.buffer = lines.pop(); // an unfinished line waits for the next chunk
     for (const line of lines) this.line(line);

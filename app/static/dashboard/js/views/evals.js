@@ -1,7 +1,7 @@
 // Evals: the list, and one eval's results with the models side by side (metrics as rows).
 
 import { api } from "../api.js";
-import { errorMessage, fill, h, statusBadge } from "../dom.js";
+import { errorMessage, fill, h, progressBar, statusBadge } from "../dom.js";
 import { formatDate, formatNumber } from "../format.js";
 
 function openByIdForm() {
@@ -45,10 +45,10 @@ export function renderEvals(view) {
                 h(
                   "tr",
                   {},
-                  h("td", {}, h("a", { href: `#/evals/${ev.id}`, class: "mono" }, ev.id)),
+                  h("td", {}, h("a", { href: `#/evals/${ev.id}` }, ev.name || ev.id), h("div", { class: "muted small mono" }, ev.id)),
                   h("td", {}, statusBadge(ev.status)),
-                  h("td", { class: "small" }, (ev.models ?? ev.request?.models ?? []).join(", ")),
-                  h("td", { class: "mono small" }, ev.dataset_id ?? ev.request?.dataset_id ?? "—"),
+                  h("td", { class: "small" }, (ev.models ?? []).join(", ")),
+                  h("td", { class: "mono small" }, ev.dataset_id ?? "—"),
                   h("td", {}, formatDate(ev.created_at)),
                 ),
               ),
@@ -63,31 +63,57 @@ export function renderEvals(view) {
   return () => (disposed = true);
 }
 
-/** Returns {models, metrics, value(model, metric)} from the eval's results, whatever their layout. */
+/**
+ * Returns {models, metrics, value(model, metric)} of an eval: `results.models` holds one entry per
+ * model with its metrics (`results.table` the same as flat rows); metrics are shown as rows.
+ */
 export function sideBySide(ev) {
-  const table = ev.table ?? ev.results?.table;
-  if (table?.columns && table?.rows) {
-    // {columns: [model…], rows: [{metric, values: [...]}]} or rows as {metric, <model>: value}
-    const models = table.columns;
-    const metrics = table.rows.map((r) => r.metric ?? r.name);
-    const byMetric = new Map(table.rows.map((r) => [r.metric ?? r.name, r]));
-    const value = (model, metric) => {
-      const row = byMetric.get(metric);
-      return Array.isArray(row?.values) ? row.values[models.indexOf(model)] : row?.[model];
-    };
-    return { models, metrics, value };
-  }
   const perModel = new Map();
-  const results = ev.results ?? {};
-  const entries = Array.isArray(results.models)
-    ? results.models.map((m) => [m.model ?? m.id, m.metrics ?? m])
-    : Object.entries(results).filter(([, v]) => v && typeof v === "object" && !Array.isArray(v));
-  for (const [model, metrics] of entries) perModel.set(model, metrics);
-  const models = [...perModel.keys()];
-  const metrics = [...new Set(models.flatMap((m) => Object.keys(perModel.get(m))))].filter(
-    (k) => typeof perModel.get(models[0])?.[k] !== "object",
-  );
+  for (const row of ev.results?.table ?? []) perModel.set(row.model, row);
+  for (const m of ev.results?.models ?? []) perModel.set(m.model, { ...m.metrics, examples: m.num_examples });
+  const models = ev.models?.length ? ev.models.filter((m) => perModel.has(m)) : [...perModel.keys()];
+  const reported = new Set(models.flatMap((m) => Object.keys(perModel.get(m))));
+  reported.delete("model");
+  const metrics = [...(ev.metrics ?? []).filter((k) => reported.has(k)), ...[...reported].filter((k) => !ev.metrics?.includes(k))];
   return { models, metrics, value: (model, metric) => perModel.get(model)?.[metric] };
+}
+
+const sampleText = (sample) =>
+  typeof sample === "string" ? sample : (sample?.completion ?? sample?.output ?? sample?.text ?? JSON.stringify(sample));
+
+/** Generations kept per model, shown side by side: one row per sample, one column per model. */
+function samplesTable(ev) {
+  const models = ev.results?.models ?? [];
+  const rows = Math.max(0, ...models.map((m) => m.samples?.length ?? 0));
+  if (!rows) return null;
+  return h(
+    "section",
+    { "aria-labelledby": "samples-title" },
+    h("h2", { id: "samples-title" }, "Sample generations"),
+    h(
+      "div",
+      { class: "table-scroll" },
+      h(
+        "table",
+        { class: "table samples", id: "eval-samples" },
+        h("caption", { class: "visually-hidden" }, "Generations by model"),
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Prompt"), models.map((m) => h("th", { scope: "col", class: "mono" }, m.model)))),
+        h(
+          "tbody",
+          {},
+          Array.from({ length: rows }, (_, i) => {
+            const prompt = models.map((m) => m.samples?.[i]?.prompt).find((p) => p != null);
+            return h(
+              "tr",
+              {},
+              h("td", { class: "pre" }, typeof prompt === "string" ? prompt : JSON.stringify(prompt ?? "")),
+              models.map((m) => h("td", { class: "pre" }, m.samples?.[i] == null ? "—" : sampleText(m.samples[i]))),
+            );
+          }),
+        ),
+      ),
+    ),
+  );
 }
 
 export function renderEval(view, evalId) {
@@ -125,9 +151,12 @@ export function renderEval(view, evalId) {
     fill(
       view,
       h("p", { class: "breadcrumb" }, h("a", { href: "#/evals" }, "← All evals")),
-      h("div", { class: "view-header" }, h("h1", {}, ev.id, " ", statusBadge(ev.status))),
-      ev.error ? h("p", { class: "form-error" }, ev.error.message ?? JSON.stringify(ev.error)) : null,
+      h("div", { class: "view-header" }, h("h1", {}, ev.name || ev.id, " ", statusBadge(ev.status))),
+      h("p", { class: "muted" }, `Dataset ${ev.dataset_id ?? "—"} · ${formatDate(ev.created_at)}`),
+      ev.status === "running" ? progressBar(ev.progress, "Eval progress") : null,
+      ev.error ? h("p", { class: "form-error" }, `${ev.error.model ? `${ev.error.model}: ` : ""}${ev.error.message}`) : null,
       h("section", { "aria-labelledby": "results-title" }, h("h2", { id: "results-title" }, "Results side by side"), table),
+      samplesTable(ev),
     );
     if (ev.status === "queued" || ev.status === "running") timer = setTimeout(load, 3000);
   };

@@ -1,0 +1,127 @@
+"""The dashboard in chromium against the real API, with rows written into the database as the
+worker writes them (the end-to-end version with a real worker is test_dashboard_live.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import seed
+from tests.e2e.conftest import LiveService
+from tests.e2e.pages import new_page, save_screenshot, sign_in
+
+pytestmark = pytest.mark.browser
+
+
+def loss_points(page: Any) -> int:
+    return int(page.locator("#chart-loss").get_attribute("data-points") or 0)
+
+
+def test_seeded_run_page_follows_new_metrics_and_cancels(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    with live_service.client() as client:
+        if "/v1/runs/{run_id}/metrics" not in client.get("/openapi.json").json()["paths"]:
+            pytest.skip("GET /v1/runs/{id}/metrics has not landed in this tree yet")
+    run_id = seed.seed_running_run(live_service.sessions, live_service.team_id, "sft-seeded")
+    seed.add_train_steps(live_service.sessions, run_id, 1, 20)
+    page = new_page(browser, console_errors)
+
+    sign_in(page, live_service.base_url, live_service.key)
+    row = page.locator(f"#runs-table tr[data-run-id='{run_id}']")
+    assert row.locator(".badge").inner_text() == "running"
+    assert "20 / 200" in row.inner_text()
+
+    row.get_by_role("link", name="sft-seeded").click()
+    page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '20'")
+    assert page.locator("#chart-eval_loss").is_visible()  # eval rows at steps 10 and 20
+    assert page.locator("#chart-lr").is_visible()
+    assert page.locator("#chart-reward").is_hidden()  # SFT reports no reward
+
+    seed.add_train_steps(live_service.sessions, run_id, 21, 45)
+    page.wait_for_function("Number(document.querySelector('#chart-loss').dataset.points) >= 45")
+    page.get_by_text("stage 1 (sft) started").wait_for()
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel run").click()
+    # No worker runs this seeded run, so it stays `cancelling` (the live test sees `cancelled`).
+    page.locator("h1 .badge", has_text="cancelling").wait_for()
+    assert page.get_by_role("button", name="Cancel run").is_disabled()
+    save_screenshot(page, tmp_path, "dashboard-seeded-run.png")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    page.wait_for_function("Number(document.querySelector('#chart-loss')?.dataset.points) >= 45")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    save_screenshot(page, tmp_path, "dashboard-seeded-run-phone.png")
+    assert console_errors == []
+
+
+def test_datasets_page_shows_validation_errors_with_line_numbers(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    dataset_id = seed.seed_invalid_dataset(live_service.sessions, live_service.team_id)
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+
+    page.get_by_role("link", name="Datasets").click()
+    row = page.locator(f"#datasets-table tr[data-dataset-id='{dataset_id}']")
+    assert row.locator(".badge").inner_text() == "invalid"
+    row.get_by_role("link").click()
+    errors = page.locator("#dataset-errors tbody tr")
+    errors.first.wait_for()
+    assert [errors.nth(i).locator("td").first.inner_text() for i in range(errors.count())] == ["7", "19"]
+    assert "role must be user, assistant or system" in errors.first.inner_text()
+    save_screenshot(page, tmp_path, "dashboard-dataset.png")
+    assert console_errors == []
+
+
+def test_wrong_key_is_refused_and_the_key_lives_in_session_storage(
+    live_service: LiveService, browser: Any
+) -> None:
+    page = new_page(browser, [])
+    page.goto(f"{live_service.base_url}/dashboard")
+    page.get_by_label("API key").fill("ty_not-a-key")
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("alert").filter(has_text="not accepted").wait_for()
+    assert page.evaluate("sessionStorage.getItem('tuneyard.apiKey')") is None
+
+    page.get_by_label("API key").fill(live_service.key)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="Runs").wait_for()
+    assert page.evaluate("sessionStorage.getItem('tuneyard.apiKey')") == live_service.key
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API key").wait_for()
+
+
+STREAM_TEXT = (
+    ": keep-alive\r\nid: 7\r\nevent: metrics\r\ndata: {\"step\":\r\ndata: 1}\r\n\r\n"
+    "id: 8\nevent: status\ndata: {\"status\":\"cancelled\"}\n\nretry: 500\n\n"
+)
+
+
+def test_event_stream_parser_handles_any_chunking(live_service: LiveService, browser: Any) -> None:
+    page = new_page(browser, [])
+    page.goto(f"{live_service.base_url}/dashboard")
+    results = page.evaluate(
+        """async (text) => {
+            const { EventStreamParser } = await import('/dashboard/static/js/stream.js');
+            const results = [];
+            for (let size = 1; size <= 9; size += 1) {
+                const out = [];
+                const parser = new EventStreamParser((m) => out.push(m));
+                for (let i = 0; i < text.length; i += size) parser.push(text.slice(i, i + size));
+                results.push({ out, retry: parser.retryMs });
+            }
+            return results;
+        }""",
+        STREAM_TEXT,
+    )
+    for result in results:
+        assert result["out"] == [
+            {"event": "metrics", "data": '{"step":\n1}', "id": "7"},
+            {"event": "status", "data": '{"status":"cancelled"}', "id": "8"},
+        ]
+        assert result["retry"] == 500
