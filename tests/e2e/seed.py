@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Dataset, Event, Metric, Run, RunStage
+from app.db.models import Dataset, Eval, Event, Metric, Run, RunStage
 from app.ids import new_id
 
 SFT_SPEC = {
@@ -60,3 +60,23 @@ def seed_invalid_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
         session.add(dataset)
         session.commit()
     return dataset.id
+
+
+def seed_finished_eval(sessions: sessionmaker[Session], team_id: str, dataset_id: str) -> str:
+    """Returns the id of a `succeeded` eval comparing the base model with a checkpoint."""
+    results = {"base": (2.31, 0.1, "5"), "ckpt_seeded": (1.42, 0.6, "4")}
+    row = Eval(
+        id=new_id("eval"), team_id=team_id, status="succeeded", progress=1.0, finished_at=datetime.now(UTC),
+        request={"name": "base-vs-sft", "models": ["base", "ckpt_seeded"], "dataset_id": dataset_id,
+                 "metrics": ["loss", "exact_match"]},
+        results={
+            "table": [{"model": m, "loss": loss, "exact_match": em} for m, (loss, em, _) in results.items()],
+            "models": [{"model": m, "metrics": {"loss": loss, "exact_match": em}, "num_examples": 20,
+                        "samples": [{"prompt": "2+2=", "completion": answer}]}
+                       for m, (loss, em, answer) in results.items()],
+        },
+    )
+    with sessions() as session:
+        session.add(row)
+        session.commit()
+    return row.id

@@ -78,6 +78,27 @@ def test_datasets_page_shows_validation_errors_with_line_numbers(
     assert console_errors == []
 
 
+def test_eval_results_are_shown_side_by_side(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    dataset_id = seed.seed_invalid_dataset(live_service.sessions, live_service.team_id)
+    eval_id = seed.seed_finished_eval(live_service.sessions, live_service.team_id, dataset_id)
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+
+    page.get_by_role("link", name="Evals").click()
+    page.get_by_role("link", name="base-vs-sft").click()
+    table = page.locator("#eval-results")
+    headers = table.locator("thead th").all_text_contents()
+    assert headers == ["Metric", "base", "ckpt_seeded"]
+    loss_row = table.locator("tbody tr", has_text="loss")
+    assert loss_row.locator("td").all_inner_texts() == ["2.310", "1.420"]
+    assert page.locator("#eval-samples tbody tr").first.locator("td").all_inner_texts() == ["2+2=", "5", "4"]
+    assert eval_id in page.url
+    save_screenshot(page, tmp_path, "dashboard-eval.png")
+    assert console_errors == []
+
+
 def test_wrong_key_is_refused_and_the_key_lives_in_session_storage(
     live_service: LiveService, browser: Any
 ) -> None:

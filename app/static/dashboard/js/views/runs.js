@@ -48,20 +48,25 @@ export function progressCell(run) {
 }
 
 function runRow(run) {
+  // data-label names each cell for the stacked (card) layout at phone widths.
   return h(
     "tr",
     { dataset: { runId: run.id } },
     h(
       "td",
-      { class: "cell-name" },
+      { class: "cell-name", dataset: { label: "Name" } },
       h("a", { href: `#/runs/${run.id}` }, run.name || run.id),
       h("div", { class: "muted small mono" }, run.id),
     ),
-    h("td", {}, statusBadge(run.status)),
-    h("td", {}, stagesSummary(run.stages)),
-    h("td", { class: "cell-progress" }, progressCell(run)),
-    h("td", { class: "cell-created" }, formatDate(run.created_at)),
-    h("td", { class: "cell-duration" }, formatDuration(elapsedSeconds(run.started_at, run.finished_at))),
+    h("td", { class: "cell-status", dataset: { label: "Status" } }, statusBadge(run.status)),
+    h("td", { class: "cell-stages", dataset: { label: "Stages" } }, stagesSummary(run.stages)),
+    h("td", { class: "cell-progress", dataset: { label: "Progress" } }, progressCell(run)),
+    h("td", { class: "cell-created", dataset: { label: "Created" } }, formatDate(run.created_at)),
+    h(
+      "td",
+      { class: "cell-duration", dataset: { label: "Duration" } },
+      formatDuration(elapsedSeconds(run.started_at, run.finished_at)),
+    ),
   );
 }
 
