@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter
+from trainer_core.data import IGNORE_INDEX
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -101,21 +102,39 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """Returns (backbone, lm_head) when logits are a plain bias-free linear map of the backbone output.
+def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """Returns (backbone, lm_head) when logits are the head applied position-wise to the backbone output.
 
-    Lets SFT project only loss positions (``sft_loss_from_hidden``) instead of computing
-    full-vocabulary logits everywhere. None when the head is wrapped (e.g. LoRA on lm_head) or the
-    model post-processes logits (soft-capping), in which case callers use the full forward.
+    Lets losses project only the positions they need instead of computing full-vocabulary logits
+    everywhere. The head may be LoRA-wrapped. None when the model post-processes logits after
+    the head (soft-capping, logit scaling), in which case callers use the full forward.
     """
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     backbone = getattr(inner, inner.base_model_prefix, None)
     head = inner.get_output_embeddings()
-    plain_head = type(head) is nn.Linear and head.bias is None
-    capped = getattr(inner.config, "final_logit_softcapping", None) is not None
-    if backbone is None or not plain_head or capped:
+    rescaled = any(
+        getattr(inner.config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    if backbone is None or head is None or rescaled:
         return None
     return backbone, head
+
+
+def label_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Returns logits [N, V] at the N positions whose label is not IGNORE_INDEX, in row-major order.
+
+    ``labels`` [B, T] are already shifted (``labels[:, t]`` is the target of position t, as
+    ``trainer_core.data.packing`` builds them). Only those positions go through the LM head:
+    prompt, padding and packing-boundary tokens never get full-vocabulary logits (with a small
+    model the head is a large share of the FLOPs).
+    """
+    keep = labels != IGNORE_INDEX
+    parts = output_projection(model)
+    if parts is None:
+        return model(**inputs).logits[keep]
+    backbone, head = parts
+    return head(backbone(**inputs).last_hidden_state[keep])
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -27,10 +27,13 @@ position — and keep anything else it accumulates (rollout buffers, curriculum 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -122,3 +125,50 @@ class StageMethod(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what ``state_dict`` returned (called after ``setup`` on resume)."""
+
+
+class EpochStream:
+    """Micro-batches (lists of example indices) of an endless run of epochs, for map-style data.
+
+    ``plan_epoch(rng)`` returns one epoch's micro-batches, shuffled with ``rng``, which is seeded by
+    (seed, stage_index, epoch): any step's batches follow from its number alone, so a resume needs
+    no iterator position. Every epoch must have the same number of micro-batches.
+    """
+
+    def __init__(
+        self, plan_epoch: Callable[[np.random.Generator], list[list[int]]], seed: int, stage_index: int
+    ) -> None:
+        self._plan, self._seed, self._stage_index = plan_epoch, seed, stage_index
+        self._cached: tuple[int, list[list[int]]] = (0, self._epoch(0))
+        self.per_epoch = len(self._cached[1])
+        if self.per_epoch == 0:
+            raise ValueError("an epoch must hold at least one micro-batch")
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return self._plan(np.random.default_rng([self._seed, self._stage_index, epoch]))
+
+    def total_steps(self, epochs: float | None, max_steps: int | None, accumulation: int) -> int:
+        """Returns the optimizer steps of a stage: ``max_steps``, else ``epochs`` worth of micro-batches."""
+        if max_steps is not None:
+            return max_steps
+        return max(1, math.ceil((epochs or 1.0) * self.per_epoch / accumulation))
+
+    def micro_batches(self, step: int, accumulation: int) -> list[list[int]]:
+        """Returns the ``accumulation`` micro-batches of optimizer step ``step`` (1-based)."""
+        out = []
+        for position in range((step - 1) * accumulation, step * accumulation):
+            epoch, offset = divmod(position, self.per_epoch)
+            if self._cached[0] != epoch:
+                self._cached = (epoch, self._epoch(epoch))
+            out.append(self._cached[1][offset])
+        return out
+
+
+def shuffled_chunks(count: int, size: int) -> Callable[[np.random.Generator], list[list[int]]]:
+    """Returns an epoch planner: a random permutation of ``count`` examples cut into chunks of ``size``."""
+
+    def plan(rng: np.random.Generator) -> list[list[int]]:
+        order = rng.permutation(count).tolist()
+        return [order[i:i + size] for i in range(0, count, size)]
+
+    return plan

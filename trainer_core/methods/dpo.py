@@ -1,0 +1,150 @@
+"""DPO stage: preference pairs against the frozen stage-start policy, reference log-probs cached once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from trainer_core.config import DPOStage
+from trainer_core.data import IGNORE_INDEX
+from trainer_core.data.packing import collate_padded
+from trainer_core.data.render import RenderedExample, render_preference
+from trainer_core.errors import TrainingDataError
+from trainer_core.losses.dpo import dpo_loss
+from trainer_core.methods.base import EpochStream, LossOutput, StageContext, shuffled_chunks
+from trainer_core.modeling import label_logits
+
+# Pairs per reference forward in setup: bounded memory, independent of the training batch size.
+_REFERENCE_CHUNK = 16
+
+
+Pair = tuple[RenderedExample, RenderedExample]
+
+
+@dataclass
+class PairBatch:
+    """Chosen rows then rejected rows of one micro-batch, with their cached reference log-probs."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+
+def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: str) -> list[Pair]:
+    """Returns the rendered (chosen, rejected) pairs of ``records``, skipping those truncation drops."""
+    stage = ctx.stage
+    pairs = [render_preference(ctx.tokenizer, r, stage.max_seq_len, stage.truncation) for r in records]
+    kept = [p for p in pairs if p is not None]
+    if records and not kept and split == "train":
+        raise TrainingDataError(
+            f"stages[{ctx.stage_index}]: all {len(records)} preference pairs were dropped by truncation "
+            f"(max_seq_len={stage.max_seq_len}, truncation={stage.truncation!r}); raise max_seq_len"
+        )
+    return kept
+
+
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Returns [B] summed completion-token log-probs of each row (LM head on completion tokens only)."""
+    logits = label_logits(model, inputs, labels).float()
+    keep = labels != IGNORE_INDEX
+    picked = logits.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+    return torch.zeros(labels.shape[0], device=logits.device, dtype=logits.dtype).index_add(0, rows, picked)
+
+
+class DPOMethod:
+    """Sigmoid / IPO / cDPO preference optimisation; a micro-batch is ``batch_size`` pairs."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        stage: DPOStage = ctx.stage  # type: ignore[assignment]
+        self.ctx, self.stage = ctx, stage
+        self.train_pairs = render_pairs(ctx, ctx.train_records, "train")
+        self.eval_pairs = render_pairs(ctx, ctx.eval_records, "eval")
+        self.stream = EpochStream(shuffled_chunks(len(self.train_pairs), stage.batch_size), ctx.seed,
+                                  ctx.stage_index)
+        self.total_steps = self.stream.total_steps(stage.epochs, stage.max_steps, stage.gradient_accumulation)
+        self._ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _collate(self, pairs: Sequence[Pair]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        # Chosen and rejected go through one forward (concatenated) so both see the same weights
+        # and dropout stream, and the batch is twice as wide instead of two passes.
+        examples = [p[0] for p in pairs] + [p[1] for p in pairs]
+        batch = collate_padded(examples, self.ctx.tokenizer.pad_token_id)
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+        device = self.ctx.device
+        return {k: v.to(device) for k, v in inputs.items()}, batch["labels"].to(device)
+
+    def _reference_logps(self, model: nn.Module, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = [], []
+        with self.ctx.reference.active(model) as reference:
+            for start in range(0, len(pairs), _REFERENCE_CHUNK):
+                chunk = pairs[start:start + _REFERENCE_CHUNK]
+                inputs, labels = self._collate(chunk)
+                logps = sequence_logps(reference, inputs, labels)
+                chosen.append(logps[: len(chunk)])
+                rejected.append(logps[len(chunk):])
+        if not pairs:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        # The reference never changes during the stage, so its log-probs are computed once. On
+        # resume the same stage-start weights give the same numbers.
+        self._ref = {"train": self._reference_logps(model, self.train_pairs),
+                     "eval": self._reference_logps(model, self.eval_pairs)}
+
+    def _batch(self, split: str, indices: Sequence[int]) -> PairBatch:
+        pairs = self.train_pairs if split == "train" else self.eval_pairs
+        inputs, labels = self._collate([pairs[i] for i in indices])
+        ref_chosen, ref_rejected = self._ref[split]
+        index = torch.tensor(list(indices))
+        return PairBatch(inputs, labels, ref_chosen[index], ref_rejected[index])
+
+    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch]:
+        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
+        return [self._batch("train", indices) for indices in chunks]
+
+    def _loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        logps = sequence_logps(model, batch.inputs, batch.labels)
+        n = batch.ref_chosen.shape[0]
+        return dpo_loss(
+            logps[:n], logps[n:], batch.ref_chosen.to(logps.device), batch.ref_rejected.to(logps.device),
+            beta=self.stage.beta, loss_type=self.stage.loss_type,
+            label_smoothing=self.stage.label_smoothing, reduction="sum",
+        )
+
+    def loss(self, model: nn.Module, batch: PairBatch, step: int) -> LossOutput:
+        loss, metrics = self._loss(model, batch)
+        tokens = int(batch.inputs["attention_mask"].sum())
+        return LossOutput(loss, batch.ref_chosen.shape[0], tokens, metrics)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        if not self.eval_pairs:
+            return None
+        size = self.stage.batch_size
+        total, sums = 0.0, {}
+        for start in range(0, len(self.eval_pairs), size):
+            indices = range(start, min(start + size, len(self.eval_pairs)))
+            loss, metrics = self._loss(model, self._batch("eval", indices))
+            total += float(loss)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
+        count = len(self.eval_pairs)
+        return {"eval_loss": total / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the data order is a function of (seed, stage, step)."""
+
+
+def build(ctx: StageContext) -> DPOMethod:
+    """Returns the DPO method for a stage context."""
+    return DPOMethod(ctx)

@@ -1,0 +1,143 @@
+"""SFT stage: next-token cross-entropy on assistant/completion tokens, packed or length-grouped.
+
+Packing (the default) concatenates the examples of a micro-batch into rows no longer than its
+longest example (best-fit decreasing) with a block-diagonal causal mask, so no compute goes to
+padding while the attention span stays that of one example (the dense L×L mask costs O(L²) per
+row on sdpa, so packing short examples into one max_seq_len row would make attention the
+bottleneck of a small model). Without packing, micro-batches are length-grouped and padded.
+Either way the LM head runs only at trained positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from trainer_core.config import SFTStage
+from trainer_core.data import IGNORE_INDEX
+from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
+from trainer_core.data.render import RenderedExample, render_sft
+from trainer_core.errors import TrainingDataError
+from trainer_core.losses.sft import sft_loss
+from trainer_core.methods.base import (
+    RECORD_FORMAT_KEY,
+    EpochStream,
+    LossOutput,
+    StageContext,
+    shuffled_chunks,
+)
+from trainer_core.modeling import label_logits
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class TokenBatch:
+    """Model inputs and shifted labels of one micro-batch, on the training device."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_tokens: int
+
+
+def render_examples(
+    ctx: StageContext, records: Sequence[dict[str, Any]], split: str
+) -> list[RenderedExample]:
+    """Returns the rendered examples of ``records`` that keep trained tokens after truncation."""
+    stage: SFTStage = ctx.stage  # type: ignore[assignment]
+    examples = []
+    for record in records:
+        if record.get(RECORD_FORMAT_KEY) == "trajectories":
+            raise TrainingDataError("SFT on trajectories is not available yet; use a SAD stage")
+        example = render_sft(ctx.tokenizer, record, stage.max_seq_len, stage.truncation)
+        if example is not None:
+            examples.append(example)
+    if records and not examples and split == "train":
+        raise TrainingDataError(
+            f"stages[{ctx.stage_index}]: all {len(records)} training examples were dropped by truncation "
+            f"(max_seq_len={stage.max_seq_len}, truncation={stage.truncation!r}); raise max_seq_len"
+        )
+    return examples
+
+
+class SFTMethod:
+    """Supervised fine-tuning; a micro-batch is ``batch_size`` examples."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        stage: SFTStage = ctx.stage  # type: ignore[assignment]
+        self.ctx, self.stage = ctx, stage
+        self.train = render_examples(ctx, ctx.train_records, "train")
+        self.eval = render_examples(ctx, ctx.eval_records, "eval")
+        # The 4D mask is added to the attention scores, so it must match their dtype (bf16 under
+        # CUDA autocast).
+        self.mask_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+        self.stream = EpochStream(self._planner(), ctx.seed, ctx.stage_index)
+        self.total_steps = self.stream.total_steps(stage.epochs, stage.max_steps, stage.gradient_accumulation)
+
+    def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:
+        if self.stage.packing:
+            return shuffled_chunks(len(self.train), self.stage.batch_size)
+        lengths = [len(e) for e in self.train]
+        return lambda rng: length_grouped_batches(lengths, self.stage.batch_size, int(rng.integers(2**62)))
+
+    def _collate(self, examples: list[RenderedExample]) -> TokenBatch:
+        pad_id = self.ctx.tokenizer.pad_token_id
+        if self.stage.packing:
+            rows = plan_packs([len(e) for e in examples], max(len(e) for e in examples))
+            packed = [[examples[i] for i in row] for row in rows]
+            batch = collate_packed(packed, pad_id, dtype=self.mask_dtype)
+        else:
+            batch = collate_padded(examples, pad_id)
+        device = self.ctx.device
+        inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS}
+        return TokenBatch(inputs, batch["labels"].to(device), int(batch["num_tokens"]))
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Nothing to prepare: SFT needs no reference."""
+
+    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch]:
+        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
+        return [self._collate([self.train[i] for i in indices]) for indices in chunks]
+
+    def _summed_loss(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, Any], int]:
+        keep = batch.labels != IGNORE_INDEX
+        loss, metrics = sft_loss(label_logits(model, batch.inputs, batch.labels), batch.labels[keep],
+                                 reduction="sum")
+        return loss, metrics, int(keep.sum())
+
+    def loss(self, model: nn.Module, batch: TokenBatch, step: int) -> LossOutput:
+        loss, metrics, units = self._summed_loss(model, batch)
+        accuracy = metrics["mean_token_accuracy"]
+        return LossOutput(loss, units, batch.num_tokens, {"mean_token_accuracy": accuracy})
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        if not self.eval:
+            return None
+        total, correct, tokens = 0.0, 0.0, 0
+        size = self.stage.batch_size
+        for start in range(0, len(self.eval), size):
+            loss, metrics, units = self._summed_loss(model, self._collate(self.eval[start:start + size]))
+            total += float(loss)
+            correct += float(metrics["mean_token_accuracy"]) * units
+            tokens += units
+        eval_loss = total / max(tokens, 1)
+        return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)),
+                "eval_mean_token_accuracy": correct / max(tokens, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the data order is a function of (seed, stage, step)."""
+
+
+def build(ctx: StageContext) -> SFTMethod:
+    """Returns the SFT method for a stage context."""
+    return SFTMethod(ctx)
