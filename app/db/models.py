@@ -151,6 +151,8 @@ class Metric(Base):
     __tablename__ = "metrics"
     __table_args__ = (
         UniqueConstraint("run_id", "stage_index", "step", "split", name="uq_metrics_point"),
+        # Series reads: one stage and split of a run in step order (the metrics API, downsampling).
+        Index("ix_metrics_series", "run_id", "stage_index", "split", "step"),
     )
     id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
