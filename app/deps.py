@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Team
@@ -39,15 +40,18 @@ StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
+bearer = HTTPBearer(auto_error=False, description="an API key `ty_…` (tuneyard keys create --team NAME)")
+
+
 def get_current_team(
     session: SessionDep,
     settings: SettingsDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Team:
     """Returns the team of the Bearer key (or the default team when auth is switched off)."""
     if not settings.auth_enabled:
         return auth.get_or_create_team(session, auth.DEFAULT_TEAM)
-    return auth.team_for_key(session, authorization)
+    return auth.team_for_key(session, credentials.credentials if credentials else None)
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 T = TypeVar("T")
 
 MAX_PAGE = 100
+CURSOR_PATTERN = r"^[a-z]+_[0-9a-z]+$"  # `after` is the id of the last item of the previous page
 
 
 class ListPage(BaseModel, Generic[T]):

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.broker import send_task
 from app.db.models import Dataset, Run, Team
 from app.errors import Conflict, NotFound, Unprocessable
-from app.ids import new_id
+from app.ids import is_id, new_id
 from app.schemas.common import ListPage
 from app.schemas.datasets import DatasetOut
 from app.services.pagination import paginate
@@ -44,6 +44,11 @@ def parse_format(value: str | None, param: str = "format") -> str | None:
     return value
 
 
+def printable(text: str) -> str:
+    """Returns the text without control characters (names end up in logs and database columns)."""
+    return "".join(ch for ch in text if ch.isprintable()).strip() or "upload.jsonl"
+
+
 def blob_key(team_id: str, dataset_id: str) -> str:
     return f"datasets/{team_id}/{dataset_id}.jsonl"
 
@@ -62,7 +67,7 @@ async def upload_dataset(session: Session, store: BlobStore, celery: Celery, tea
     try:
         if "format" in upload.fields:
             fmt = parse_format(upload.fields["format"])
-        display_name = (upload.fields.get("name") or name or upload.filename or f"{dataset_id}.jsonl")[:300]
+        display_name = printable(upload.fields.get("name") or name or upload.filename or "")[:300]
         dataset = Dataset(id=dataset_id, team_id=team.id, name=display_name, format=fmt, status="validating",
                           size_bytes=upload.size, sha256=upload.sha256, blob_key=key, stats={}, errors=[])
         session.add(dataset)
@@ -76,7 +81,7 @@ async def upload_dataset(session: Session, store: BlobStore, celery: Celery, tea
 
 def get_dataset(session: Session, team: Team, dataset_id: str) -> Dataset:
     """Returns the team's dataset; 404 for a missing one or another team's."""
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id, "ds") else None
     if dataset is None or dataset.team_id != team.id:
         raise NotFound(f"no dataset {dataset_id!r}", param="dataset_id")
     return dataset

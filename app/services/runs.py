@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
 from app.errors import Conflict, NotFound, Unprocessable
-from app.ids import new_id
+from app.ids import is_id, new_id
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
 from app.services.models import base_model_dir, finished_checkpoint
@@ -56,9 +56,23 @@ def _check_dataset(dataset: Dataset | None, dataset_id: str, method: str, param:
                             f"trains on {' or '.join(accepted)}", code="dataset_format_mismatch", param=param)
 
 
+def _nul_path(value: object, path: str = "") -> str | None:
+    """Returns the field path of the first string holding a NUL character (PostgreSQL refuses them)."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        if (found := _nul_path(item, sub)) is not None:
+            return found
+    return None
+
+
 def check_run_inputs(session: Session, settings: Settings, team: Team, spec: RunSpec) -> None:
     """Returns when every dataset and the base model of the spec are usable by the team."""
-    ids = spec.dataset_ids()
+    if (param := _nul_path(spec.model_dump(mode="json"))) is not None:
+        raise Unprocessable(f"{param}: text must not contain NUL characters", param=param)
+    ids = {i for i in spec.dataset_ids() if is_id(i, "ds")}
     found = {d.id: d for d in session.scalars(
         select(Dataset).where(Dataset.team_id == team.id, Dataset.id.in_(ids)))}
     for i, stage in enumerate(spec.stages):
@@ -112,7 +126,7 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
 
 def get_run(session: Session, team: Team, run_id: str) -> Run:
     """Returns the team's run; 404 for a missing one or another team's."""
-    run = session.get(Run, run_id)
+    run = session.get(Run, run_id) if is_id(run_id, "run") else None
     if run is None or run.team_id != team.id:
         raise NotFound(f"no run {run_id!r}", param="run_id")
     return run
