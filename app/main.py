@@ -14,7 +14,7 @@ from app.broker import create_celery
 from app.db.session import make_session_factory
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
-from app.routes import dashboard, datasets, evals, inference, models, ops, runs
+from app.routes import checkpoints, dashboard, datasets, evals, inference, metrics, models, ops, runs, stream
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -29,6 +29,9 @@ ROUTERS: list[APIRouter] = [
     dashboard.router,
     inference.router,
     evals.router,
+    metrics.router,
+    stream.router,
+    checkpoints.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}

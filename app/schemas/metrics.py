@@ -1,0 +1,38 @@
+"""Metric series and run progress as the API returns them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class MetricSeries(BaseModel):
+    """One metric of one stage and split; each point is `[step, value, min, max]` (see `columns`).
+
+    Downsampled points stand for a bucket of consecutive steps: `step`/`value` are the bucket's
+    last point, `min`/`max` the extremes inside it. Raw points have min == max == value.
+    """
+
+    object: Literal["metric.series"] = "metric.series"
+    name: str
+    stage_index: int
+    split: str
+    points: list[list[float | None]]
+    downsampled: bool
+
+
+class MetricSeriesList(BaseModel):
+    object: Literal["list"] = "list"
+    columns: list[str]
+    data: list[MetricSeries]
+
+
+class ProgressOut(BaseModel):
+    """Where a run is: its current stage and step, the fraction of all stages done, and an ETA."""
+
+    stage: int | None
+    step: int
+    total_steps: int | None
+    fraction: float
+    eta_seconds: float | None

@@ -1,0 +1,235 @@
+"""A run on a worker: claim it, hold its lease, train every stage through `trainer_core`, end it.
+
+    claimed ─ train (resumes from the last complete checkpoint in runs/<id>/work) ─┬─ succeeded
+                                                       ├─ cancelled (cancel seen; checkpoint kept)
+                                                       ├─ failed    (user error: bad data, out of memory)
+                                                       └─ queued    (system error, attempts left) / failed
+
+A message for a run someone else holds (Redis re-delivery, a reaper re-send) finds no claim and
+returns at once. When the attempt loses its lease mid-way, its writes are refused and it returns
+without touching the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.broker import create_celery, send_task
+from app.db.models import Dataset, Run, Team, utcnow
+from app.db.session import make_session_factory
+from app.services.execution import (
+    Claim,
+    StaleAttempt,
+    add_event,
+    claim_run,
+    finish_attempt,
+    requeue_attempt,
+)
+from app.services.models import base_model_dir, finished_checkpoint
+from app.settings import Settings, get_settings
+from app.storage import LocalBlobStore
+from trainer_core.config import RunSpec
+from trainer_core.errors import TrainingDataError
+from worker.lease import Lease
+from worker.reporter import DbReporter
+from worker.trackers import open_trackers
+
+log = logging.getLogger("tuneyard.worker.runs")
+
+OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_accumulation to keep the "
+              "effective batch), or use a smaller base model")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    base_model_path: Path
+    dataset_paths: dict[str, Path]
+    dataset_formats: dict[str, str]
+
+
+@cache
+def _services() -> tuple[Settings, sessionmaker[Session], LocalBlobStore, Celery]:
+    settings = get_settings()
+    store = LocalBlobStore(settings.storage_dir)
+    return settings, make_session_factory(settings), store, create_celery(settings)
+
+
+def work_dir_key(run_id: str) -> str:
+    """Returns the storage key of a run's work folder (checkpoints and exports of every attempt)."""
+    return f"runs/{run_id}/work"
+
+
+def train_run(run_id: str) -> str:
+    """Returns how this delivery of the run's message ended (the Celery task's whole body)."""
+    settings, sessions, store, celery = _services()
+    return execute_run(run_id, settings=settings, sessions=sessions, store=store, celery=celery)
+
+
+def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
+                celery: Celery, pipeline: Callable[..., Any] | None = None) -> str:
+    """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    with sessions() as session:
+        claim = claim_run(session, run_id, owner, utcnow(), settings.lease_seconds)
+        if claim is None:
+            run = session.get(Run, run_id)
+            log.info("run %s: not claimed (%s); this delivery exits", run_id,
+                     f"{run.status}, attempt {run.attempt}" if run else "no such run")
+            return "skipped"
+        run = session.get(Run, run_id)
+        assert run is not None
+        spec_json, team_id = run.spec, run.team_id
+    log.info("run %s: attempt %d claimed by %s", run_id, claim.attempt, owner)
+    lease = Lease(sessions, run_id, claim.attempt, heartbeat_seconds=settings.heartbeat_seconds).start()
+    reporter = DbReporter(sessions, store.root, claim, team_id, lease)
+    work_dir = store.path_for(work_dir_key(run_id))
+    try:
+        spec = RunSpec.model_validate(spec_json)
+        with sessions() as session:
+            inputs = resolve_inputs(session, settings, store, team_id, spec)
+        if pipeline is None:
+            from trainer_core.pipeline import run_pipeline as pipeline
+        with open_trackers(spec, run_id, work_dir, reporter) as mirrored:
+            result = pipeline(
+                spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
+                dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
+                resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
+            )
+        reporter.flush()
+        return _end(sessions, claim, lease, result.status)
+    except StaleAttempt:
+        log.warning("run %s: attempt %d was superseded; its results are discarded", run_id, claim.attempt)
+        return "superseded"
+    except TrainingDataError as exc:
+        return _fail(sessions, claim, reporter, "training_data_error", str(exc))
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            return _fail(sessions, claim, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
+        log.exception("run %s: attempt %d hit a system error", run_id, claim.attempt)
+        return _retry_or_fail(sessions, celery, claim, reporter, exc)
+    finally:
+        lease.stop()
+
+
+def _end(sessions: sessionmaker[Session], claim: Claim, lease: Lease, status: str) -> str:
+    if status == "stopped" and lease.lost.is_set():
+        raise StaleAttempt(claim.run_id, claim.attempt)
+    if status == "stopped" and not lease.cancel_requested.is_set():
+        raise RuntimeError("the trainer stopped without a cancel request")
+    outcome = "succeeded" if status == "succeeded" else "cancelled"
+    message = ("run succeeded" if outcome == "succeeded"
+               else "run cancelled; its last checkpoint is kept (POST /v1/runs/{id}/resume continues it)")
+    with sessions() as session:
+        finish_attempt(session, claim.run_id, claim.attempt, outcome)
+        add_event(session, claim.run_id, claim.attempt, outcome, message.replace("{id}", claim.run_id))
+        session.commit()
+    log.info("run %s: %s", claim.run_id, outcome)
+    return outcome
+
+
+def _fail(sessions: sessionmaker[Session], claim: Claim, reporter: DbReporter, code: str,
+          message: str) -> str:
+    """Ends the run failed with no retry (the user has to change the data or the spec)."""
+    _flush_quietly(reporter)
+    with sessions() as session:
+        finish_attempt(session, claim.run_id, claim.attempt, "failed", {"code": code, "message": message})
+        add_event(session, claim.run_id, claim.attempt, "error", message, {"code": code, "retry": False},
+                  "error")
+        session.commit()
+    log.info("run %s: failed (%s): %s", claim.run_id, code, message)
+    return "failed"
+
+
+def _retry_or_fail(sessions: sessionmaker[Session], celery: Celery, claim: Claim, reporter: DbReporter,
+                   exc: BaseException) -> str:
+    _flush_quietly(reporter)
+    reason = f"{type(exc).__name__}: {exc}"
+    with sessions() as session:
+        requeued = requeue_attempt(session, claim.run_id, claim.attempt, kind="retrying",
+                                   message=f"attempt {claim.attempt} failed with a system error ({reason}); "
+                                           "retrying from the last checkpoint",
+                                   data={"error": reason})
+        if not requeued:
+            run = session.get(Run, claim.run_id)
+            if run is not None and run.status in ("running", "cancelling"):
+                message = f"system error on the last allowed attempt ({claim.attempt}): {reason}"
+                finish_attempt(session, claim.run_id, claim.attempt, "failed",
+                               {"code": "attempts_exhausted", "message": message})
+                add_event(session, claim.run_id, claim.attempt, "error", message,
+                          {"code": "attempts_exhausted", "retry": False}, "error")
+        session.commit()
+    if requeued:
+        send_task(celery, "tuneyard.train_run", [claim.run_id])
+        return "requeued"
+    return "failed"
+
+
+def _flush_quietly(reporter: DbReporter) -> None:
+    # Metrics of the steps before the error are worth keeping; a refused flush is re-raised.
+    try:
+        reporter.flush()
+    except StaleAttempt:
+        raise
+    except Exception:
+        log.exception("run %s: could not write the last metrics", reporter.run_id)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Returns whether an exception is a device or host out-of-memory error."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def resolve_inputs(session: Session, settings: Settings, store: LocalBlobStore, team_id: str,
+                   spec: RunSpec) -> RunInputs:
+    """Returns the files the trainer reads; raises TrainingDataError for anything gone or unusable."""
+    ids = sorted(spec.dataset_ids())
+    found = {d.id: d for d in session.scalars(select(Dataset).where(Dataset.team_id == team_id,
+                                                                    Dataset.id.in_(ids)))}
+    paths: dict[str, Path] = {}
+    formats: dict[str, str] = {}
+    for dataset_id in ids:
+        dataset = found.get(dataset_id)
+        if dataset is None or dataset.status != "ready" or dataset.format is None:
+            state = dataset.status if dataset else "deleted"
+            raise TrainingDataError(f"dataset {dataset_id} is {state}; upload it again and resume the run")
+        paths[dataset_id] = store.path_for(dataset.blob_key)
+        formats[dataset_id] = dataset.format
+    base = _model_path(session, settings, store, team_id, spec.base_model)
+    return RunInputs(base, paths, formats)
+
+
+def _model_path(session: Session, settings: Settings, store: LocalBlobStore, team_id: str, name: str) -> Path:
+    if (folder := base_model_dir(settings, name)) is not None:
+        return folder
+    team = session.get(Team, team_id)
+    checkpoint = finished_checkpoint(session, team, name) if team is not None else None
+    if checkpoint is None:
+        raise TrainingDataError(f"model {name!r} is neither a base model nor a finished checkpoint "
+                                "of the team")
+    if checkpoint.kind != "merged":
+        raise TrainingDataError(f"checkpoint {name} is a LoRA adapter; train from the run's merged export "
+                                "(export: [\"merged\"]) or from a base model")
+    return store.path_for(checkpoint.blob_prefix)
+
+
+def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
+                   name: str) -> Path:
+    with sessions() as session:
+        return _model_path(session, settings, store, team_id, name)
