@@ -226,3 +226,25 @@ def completion_forward(
     logps, _ = token_logps(logits, labels)
     hidden = out.hidden_states[-1][:, window, :] if with_hidden else None
     return CompletionForward(logits=logits, logps=logps, hidden=hidden)
+
+
+def concat_completions(parts: Sequence[Completions], pad_token_id: int) -> Completions:
+    """Returns one batch holding ``parts`` in order: prompts re-left-padded, completions re-right-padded."""
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def left(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+
+    def right(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Completions(
+        prompt_ids=torch.cat([left(p.prompt_ids, pad_token_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, False) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids, pad_token_id) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask, False) for p in parts]),
+        logps=torch.cat([right(p.logps, 0.0) for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+    )
+
