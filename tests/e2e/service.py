@@ -94,3 +94,21 @@ def prepare_database(
     with sessions() as session:
         team, key = create_api_key(session, team_name)
     return sessions, team.id, key
+
+
+def start_worker(
+    data_dir: Path, log_dir: Path, queues: str = "train,cpu", timeout: float = 90.0
+) -> subprocess.Popen:
+    """Starts `tuneyard worker` (the command `tuneyard up` runs) and returns it once Celery is ready."""
+    log = log_dir / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--concurrency", "1"],
+        cwd=REPO_ROOT, env=service_env(data_dir), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + timeout
+    while b" ready." not in log.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError(f"worker did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.3)
+    return process
