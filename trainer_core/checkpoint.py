@@ -268,7 +268,9 @@ def export_adapter(
 ) -> CheckpointInfo:
     """Returns the info of a PEFT adapter folder (loads with ``PeftModel.from_pretrained``)."""
     tmp = _fresh_tmp(out_dir)
-    model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
+    # The base vocabulary is never resized, so the adapter needs no copy of the embedding layers
+    # (peft would add one whenever lm_head is a LoRA target).
+    model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
     tokenizer.save_pretrained(tmp)
     manifest = {"kind": "adapter", "stage_index": stage_index, "step": step, "config": config}
     return _export_info(tmp, out_dir, manifest, "adapter", stage_index, step)
@@ -290,8 +292,8 @@ def export_merged(
         fresh = load_base_model(base_model_dir, torch.float32, torch.device("cpu"))
         lora_config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
         clone = get_peft_model(fresh, lora_config, adapter_name=POLICY_ADAPTER)
-        set_peft_model_state_dict(clone, get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER),
-                                  adapter_name=POLICY_ADAPTER)
+        weights = get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER, save_embedding_layers=False)
+        set_peft_model_state_dict(clone, weights, adapter_name=POLICY_ADAPTER)
         merged = clone.merge_and_unload().to(saved_dtype)
     else:
         merged = model

@@ -86,7 +86,7 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(model, PeftModel):
-        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER])
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
     else:
         model.save_pretrained(tmp)
     for path in tmp.rglob("*"):
