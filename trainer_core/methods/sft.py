@@ -1,5 +1,8 @@
 """SFT stage: next-token cross-entropy on assistant/completion tokens, packed or length-grouped.
 
+Records may be "sft" (chat, prompt/completion, text) or "trajectories" (agent traces, trained on
+their reasoning and action spans from ``trainer_core.spans``).
+
 Packing (the default) concatenates the examples of a micro-batch into rows no longer than its
 longest example (best-fit decreasing) with a block-diagonal causal mask, so no compute goes to
 padding while the attention span stays that of one example (the dense L×L mask costs O(L²) per
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from trainer_core.config import SFTStage
+from trainer_core.config import SFTStage, SpanMarkers
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
 from trainer_core.data.render import RenderedExample, render_sft
@@ -34,8 +37,10 @@ from trainer_core.methods.base import (
     shuffled_chunks,
 )
 from trainer_core.modeling import label_logits
+from trainer_core.spans import trajectory_token_spans
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_MARKERS = SpanMarkers()
 
 
 @dataclass
@@ -55,8 +60,14 @@ def render_examples(
     examples = []
     for record in records:
         if record.get(RECORD_FORMAT_KEY) == "trajectories":
-            raise TrainingDataError("SFT on trajectories is not available yet; use a SAD stage")
-        example = render_sft(ctx.tokenizer, record, stage.max_seq_len, stage.truncation)
+            # Agent traces train on their reasoning and action spans; observations (tool output)
+            # and other text are context only.
+            traj = trajectory_token_spans(
+                ctx.tokenizer, record, _MARKERS, stage.max_seq_len, stage.truncation
+            )
+            example = traj.as_sft_example() if traj is not None else None
+        else:
+            example = render_sft(ctx.tokenizer, record, stage.max_seq_len, stage.truncation)
         if example is not None:
             examples.append(example)
     if records and not examples and split == "train":

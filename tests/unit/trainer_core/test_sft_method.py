@@ -98,3 +98,14 @@ def test_everything_truncated_away_is_a_user_error(tiny_model_dir: Path, tmp_pat
     stage = sft_stage(max_seq_len=8, truncation="drop")
     with pytest.raises(TrainingDataError, match="dropped by truncation"):
         SFTMethod(make_context(tiny_model_dir, stage, phrase_records(4), [], tmp_path))
+
+
+def test_trajectories_train_on_reasoning_and_action_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trace = {"text": "Thought: add them.\nAction: calculator[2+3]\nObservation: 5\nAnswer: 5",
+             RECORD_FORMAT_KEY: "trajectories"}
+    ctx = make_context(tiny_model_dir, sft_stage(), [trace], [], tmp_path)
+    (example,) = SFTMethod(ctx).train
+    tokenizer = ctx.tokenizer
+    trained = tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask, strict=True) if m])
+    assert "add them" in trained and "calculator" in trained and "Answer: 5" in trained
+    assert "Observation" not in trained
