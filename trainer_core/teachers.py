@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trainer_core.errors import TrainingDataError
 from trainer_core.losses.sad import DenseTeacher, SparseTeacher, Teacher
+from trainer_core.spans import TokenizedTrajectory
 
 # Printable ASCII text for the SGLang vocabulary probe: its tokens decode to the same strings in
 # any tokenizer that has them, so differing texts mean differing vocabularies.
@@ -67,53 +68,36 @@ def _sparse_padding(batch: int, width: int, top_k: int) -> tuple[torch.Tensor, t
 
 
 def stored_teacher(
-    records: Sequence[dict[str, Any]],
-    input_ids: torch.Tensor,
-    trajectory_starts: Sequence[int],
-    vocab_size: int,
+    trajectories: Sequence[TokenizedTrajectory], width: int, vocab_size: int
 ) -> TeacherBatch | None:
-    """Returns the top-k stored in trajectory records, aligned to a right-padded batch (None if none stored).
+    """Returns the stored top-k rows on a right-padded batch's positions (None when no record has any).
 
-    ``trajectory_starts[b]``: position of trajectory token t_0 in row b of ``input_ids`` [B, T].
-    A record's row i predicts t_{offset+i} (``data.records``), so it lands on position
-    start + offset + i - 1. Rows of a batch are cut to the smallest k among its records (each row
-    keeps its most likely entries). Raises TrainingDataError on ids outside the vocabulary or
-    stored ``token_ids`` that disagree with the tokenised trajectory.
+    ``spans.trajectory_token_spans`` already aligned the rows to the ids (through truncation):
+    row i predicts token ``teacher_start + i``, so it lands on position ``teacher_start + i - 1``.
+    Rows of a batch are cut to the smallest k among its records, each row keeping its most likely
+    entries. Raises TrainingDataError on ids outside the student's vocabulary.
     """
-    stored = [record.get("teacher_logprobs") for record in records]
-    if not any(stored):
+    stored = [t for t in trajectories if t.teacher_start is not None]
+    if not stored:
         return None
-    top_k = min(len(s["top_k_ids"][0]) for s in stored if s)
-    batch, width = input_ids.shape
-    ids, logprobs = _sparse_padding(batch, width, top_k)
-    available = torch.zeros(batch, width, dtype=torch.bool)
-    for b, (entry, start) in enumerate(zip(stored, trajectory_starts, strict=True)):
-        if not entry:
+    top_k = min(len(t.teacher_top_k_ids[0]) for t in stored)
+    ids, logprobs = _sparse_padding(len(trajectories), width, top_k)
+    available = torch.zeros(len(trajectories), width, dtype=torch.bool)
+    for b, traj in enumerate(trajectories):
+        if traj.teacher_start is None:
             continue
-        row_ids = torch.tensor(entry["top_k_ids"], dtype=torch.long)
-        row_logprobs = torch.tensor(entry["top_k_logprobs"], dtype=torch.float32)
+        row_ids = torch.tensor(traj.teacher_top_k_ids, dtype=torch.long)
         if int(row_ids.max()) >= vocab_size:
             raise TrainingDataError(
-                f"record {b} of the batch: teacher_logprobs.top_k_ids has id {int(row_ids.max())} outside "
-                f"the student's vocabulary ({vocab_size} tokens): the logprobs come from another tokenizer"
+                f"teacher_logprobs.top_k_ids has id {int(row_ids.max())} outside the student's vocabulary "
+                f"({vocab_size} tokens): the log-probs come from another tokenizer"
             )
-        row_logprobs, order = row_logprobs.sort(dim=-1, descending=True)
-        row_ids = row_ids.gather(-1, order)[:, :top_k]
-        row_logprobs = row_logprobs[:, :top_k]
-        targets = start + entry.get("offset", 0) + torch.arange(len(row_ids))
-        expected = entry.get("token_ids")
-        inside = targets < width
-        if expected is not None:
-            actual = input_ids[b, targets[inside]].tolist()
-            if actual != list(expected)[: len(actual)]:
-                raise TrainingDataError(
-                    f"record {b} of the batch: teacher_logprobs.token_ids do not match the tokenised "
-                    "trajectory: the logprobs were computed on different text or another tokenizer"
-                )
-        positions = targets - 1
-        keep = inside & (positions >= 0)
-        ids[b, positions[keep]] = row_ids[keep]
-        logprobs[b, positions[keep]] = row_logprobs[keep]
+        row_logprobs, order = torch.tensor(traj.teacher_top_k_logprobs).float().sort(dim=-1, descending=True)
+        positions = traj.teacher_start - 1 + torch.arange(len(row_ids))
+        # Nothing precedes position 0, so a row predicting token 0 has no position to sit on.
+        keep = positions >= 0
+        ids[b, positions[keep]] = row_ids.gather(-1, order)[keep, :top_k]
+        logprobs[b, positions[keep]] = row_logprobs[keep, :top_k]
         available[b, positions[keep]] = True
     return TeacherBatch(SparseTeacher(ids, logprobs), available)
 

@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer_core.errors import TrainingDataError
-from trainer_core.generation import left_pad
 from trainer_core.losses.sad import DenseTeacher, SparseTeacher
+from trainer_core.spans import TokenizedTrajectory
 from trainer_core.teachers import (
     LocalTeacher,
     SGLangTeacher,
@@ -146,27 +146,18 @@ def test_sglang_vocabulary_probe(tiny_teacher_dir: Path, tokenizer: PreTrainedTo
 
 
 def test_stored_top_k_lands_one_position_before_the_token_it_predicts() -> None:
-    input_ids, _ = left_pad([[9, 10, 11, 12, 13, 14]], pad_token_id=0)  # no padding: one row
-    start, offset = 2, 1  # t_0 sits at position 2; rows describe t_1, t_2, ...
-    record = {
-        "teacher_logprobs": {
-            "top_k_ids": [[12, 5, 6], [13, 7, 8], [14, 1, 2], [99, 3, 4]],
-            "top_k_logprobs": [[-0.1, -3.0, -4.0], [-4.0, -0.2, -3.0], [-0.3, -2.0, -5.0], [-1.0] * 3],
-            "offset": offset,
-            "token_ids": [12, 13, 14, 15],
-        }
-    }
-    batch = stored_teacher([record, {}], torch.cat([input_ids, input_ids]), [start, start], vocab_size=100)
+    rows = [[12, 5, 6], [13, 7, 8], [14, 1, 2]]
+    logprobs = [[-0.1, -3.0, -4.0], [-4.0, -0.2, -3.0], [-0.3, -2.0, -5.0]]
+    with_rows = TokenizedTrajectory([9, 10, 11, 12, 13, 14], [0] * 6, 2, rows, logprobs, teacher_start=3)
+    without = TokenizedTrajectory([9, 10, 11], [0] * 3, 1)
+    batch = stored_teacher([with_rows, without], width=6, vocab_size=100)
     assert batch is not None and isinstance(batch.teacher, SparseTeacher)
-    # Row i predicts t_{offset+i} at position start+offset+i, so it sits at position start+offset+i-1.
+    # Row i predicts token teacher_start + i, so it sits on position teacher_start + i - 1.
     assert batch.available[0].tolist() == [False, False, True, True, True, False]
     assert not batch.available[1].any()
     assert batch.teacher.token_ids[0, 2].tolist() == [12, 5, 6]
     assert batch.teacher.token_ids[0, 3].tolist() == [7, 8, 13]  # each row sorted by log-prob
     assert batch.teacher.logprobs[0, 4].tolist() == pytest.approx([-0.3, -2.0, -5.0])
     with pytest.raises(TrainingDataError, match="outside"):
-        stored_teacher([record], input_ids, [start], vocab_size=50)
-    wrong = {"teacher_logprobs": {**record["teacher_logprobs"], "token_ids": [12, 13, 99, 15]}}
-    with pytest.raises(TrainingDataError, match="token_ids"):
-        stored_teacher([wrong], input_ids, [start], vocab_size=100)
-    assert stored_teacher([{}], input_ids, [start], vocab_size=100) is None
+        stored_teacher([with_rows], width=6, vocab_size=14)
+    assert stored_teacher([without], width=3, vocab_size=100) is None
