@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-import traceback
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -108,8 +107,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            log.error("unhandled %s on %s %s: %s\n%s", type(exc).__name__, scope["method"], scope["path"],
-                      exc, traceback.format_exc())
+            log.exception("unhandled %s on %s %s: %s", type(exc).__name__, scope["method"], scope["path"],
+                          exc)
             if not started:
                 body = json.dumps(error_payload(
                     500, "internal_error", f"internal server error; quote request id {rid} when reporting it"
