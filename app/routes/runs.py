@@ -1,4 +1,4 @@
-"""Run routes: create, list, get, cancel, events."""
+"""Run routes: create, list, get, cancel, resume, events."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep
 from app.errors import error_responses
 from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
 from app.schemas.runs import EventOut, RunOut, RunStatus
+from app.services import execution
 from app.services import runs as service
 from trainer_core.config import RunSpec
 
@@ -46,6 +47,13 @@ def get_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
 @router.post("/{run_id}/cancel", response_model=RunOut, responses=error_responses(401, 404, 409))
 def cancel_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
     return service.run_out(service.cancel_run(session, team, run_id))
+
+
+@router.post("/{run_id}/resume", response_model=RunOut, responses=error_responses(401, 404, 409))
+def resume_run(run_id: str, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+               team: CurrentTeam) -> RunOut:
+    """Queues a failed or cancelled run again; it continues from its last complete checkpoint."""
+    return service.run_out(execution.resume_run(session, settings, celery, team, run_id))
 
 
 @router.get("/{run_id}/events", response_model=ListPage[EventOut], responses=error_responses(401, 404, 422))

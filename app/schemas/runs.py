@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from app.schemas.metrics import ProgressOut
+
 RunStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
@@ -30,7 +32,7 @@ class RunOut(BaseModel):
     base_model: str
     spec: dict[str, Any]
     stages: list[StageOut]
-    progress: float
+    progress: ProgressOut
     attempt: int
     error: dict[str, Any] | None
     created_at: datetime

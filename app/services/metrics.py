@@ -131,7 +131,7 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def run_progress(session: Session, run: Run, now: datetime) -> ProgressOut:
+def run_progress(session: Session, run: Run) -> ProgressOut:
     """Returns where the run is (stage, step, total, fraction) and an ETA from its recent step times.
 
     The ETA covers the steps left in stages whose length is known (a stage's length is known once

@@ -18,7 +18,7 @@ import logging
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
@@ -26,6 +26,7 @@ from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import is_id, new_id
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
+from app.services.metrics import run_progress
 from app.services.models import base_model_dir, finished_checkpoint
 from app.services.pagination import paginate
 from app.services.run_states import IllegalTransition, transition_atomically
@@ -132,25 +133,13 @@ def get_run(session: Session, team: Team, run_id: str) -> Run:
     return run
 
 
-def run_progress(run: Run) -> float:
-    """Returns the fraction of the run done: finished stages plus the current stage's step share."""
-    if run.status == "succeeded":
-        return 1.0
-    if not run.stages:
-        return 0.0
-    done = 0.0
-    for stage in run.stages:
-        if stage.status == "succeeded":
-            done += 1
-        elif stage.total_steps:
-            done += min(stage.step / stage.total_steps, 1.0)
-    return round(done / len(run.stages), 4)
-
-
 def run_out(run: Run) -> RunOut:
+    """Returns the API object of a run loaded in a session (progress and ETA read its recent metrics)."""
+    session = object_session(run)
+    assert session is not None, "run_out needs a run attached to a session"
     return RunOut(
         id=run.id, name=run.name, status=run.status, base_model=run.base_model, spec=run.spec,
-        stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(run),
+        stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(session, run),
         attempt=run.attempt, error=run.error, created_at=run.created_at, started_at=run.started_at,
         finished_at=run.finished_at,
     )

@@ -42,7 +42,7 @@ def test_create_get_and_list(client: TestClient, auth: dict, ready: dict) -> Non
     assert run["status"] == "queued" and run["object"] == "run" and run["attempt"] == 0
     assert [(s["index"], s["method"], s["status"]) for s in run["stages"]] == [
         (0, "sft", "pending"), (1, "dpo", "pending")]
-    assert run["progress"] == 0 and run["spec"]["stages"][1]["beta"] == 0.1
+    assert run["progress"]["fraction"] == 0 and run["spec"]["stages"][1]["beta"] == 0.1
     assert client.get(f"/v1/runs/{run['id']}", headers=auth).json()["id"] == run["id"]
     queued = client.get("/v1/runs", params={"status": "queued"}, headers=auth).json()
     assert run["id"] in [r["id"] for r in queued["data"]]
