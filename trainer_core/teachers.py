@@ -39,6 +39,15 @@ class TeacherBatch:
     teacher: Teacher
     available: torch.Tensor
 
+    def to(self, device: torch.device) -> TeacherBatch:
+        """Returns the same distributions on ``device``."""
+        t = self.teacher
+        moved: Teacher = (
+            DenseTeacher(t.logits.to(device)) if isinstance(t, DenseTeacher)
+            else SparseTeacher(t.token_ids.to(device), t.logprobs.to(device))
+        )
+        return TeacherBatch(moved, self.available.to(device))
+
 
 def check_same_vocabulary(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_name: str
