@@ -160,13 +160,13 @@ def decode(
         cache = out.past_key_values
         logits = out.logits[0, -1].float()
         token = _pick(logits, params, generator)
+        if token in eos:  # ends the turn; like the text, log-probs leave it out
+            result.finish_reason = "stop"
+            break
         if want_logprobs:
             entry = _token_logprob(logits, token, params.top_logprobs, tokenizer)
             all_logprobs.append(entry)
             result._pending.append(entry)
-        if token in eos:
-            result.finish_reason = "stop"
-            break
         result.token_ids.append(token)
         text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
         cut = _find_stop(text, params.stop, max(0, emitted - max_stop)) if params.stop else None
