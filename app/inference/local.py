@@ -66,7 +66,7 @@ class LocalBackend:
         key = f"{model.kind}:{model.id}"
         try:
             return self.cache.get(key, lambda: self._loader(model, self.device), lambda m: m.size_bytes)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a folder transformers/peft cannot load, whatever the reason
             raise ServiceUnavailable(
                 f"model {model.id!r} could not be loaded: {exc}", code="model_load_failed", param="model"
             ) from exc
@@ -87,10 +87,11 @@ class LocalBackend:
     ) -> Generation:
         entry = self._acquire(model)
         local = entry.value
-        prompt_ids = self._encode(local, prompt)
         choices: list[Choice] = []
         completion_tokens = 0
+        # Under the model's lock: a fast tokenizer is not safe to share between threads.
         with entry.lock:
+            prompt_ids = self._encode(local, prompt)
             for index in range(params.n):
                 on_text = None
                 if on_delta is not None:
