@@ -41,14 +41,16 @@ export class MetricChart {
       legend: { show: series.length > 1 },
       cursor: { drag: { x: true, y: false } },
       scales: { x: { time: false } },
-      axes: [{ label: "step", size: 36 }, { size: 56, values: (_, ticks) => ticks.map(formatNumber) }],
+      axes: [
+        { label: "step", size: 36 },
+        { size: axisWidth, values: (_, ticks) => formatTicks(ticks) },
+      ],
       series: [
         { label: "step" },
         ...series.map((s, i) => ({
           label: s.name,
           stroke: COLORS[i % COLORS.length],
           width: 1.5,
-          points: { show: false },
           spanGaps: true,
           value: (_, v) => formatNumber(v),
         })),
@@ -79,6 +81,27 @@ export class MetricChart {
     this.resizer.disconnect();
     this.plot?.destroy();
   }
+}
+
+// Tick labels with the fewest significant digits (2 to 6) that still tell every tick apart;
+// exponent form only for very small or large values.
+function formatTicks(ticks) {
+  const big = ticks.some((v) => v != null && v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e5));
+  let labels = [];
+  for (let digits = 2; digits <= 6; digits += 1) {
+    labels = ticks.map((v) => {
+      if (v == null) return "";
+      return big ? v.toExponential(digits - 1) : String(Number(v.toPrecision(digits)));
+    });
+    if (new Set(labels).size === labels.length) break;
+  }
+  return labels;
+}
+
+// The y axis is as wide as its longest label (uPlot calls this with the formatted labels).
+function axisWidth(_, labels) {
+  const longest = Math.max(3, ...(labels ?? []).map((l) => String(l).length));
+  return 16 + longest * 7;
 }
 
 function lastValue(values) {

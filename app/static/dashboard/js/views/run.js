@@ -11,7 +11,6 @@ import { progressCell, runProgress } from "./runs.js";
 import { EventsLog, checkpointsTable, stageTimeline } from "./run-parts.js";
 
 const POLL_MS = 2000;
-const RUN_REFRESH_MS = 3000;
 const CANCELLABLE = new Set(["queued", "running"]);
 const RESUMABLE = new Set(["failed", "cancelled"]);
 
@@ -133,9 +132,13 @@ export function renderRun(view, runId) {
   }
 
   function setRun(next) {
+    const wasLive = !isTerminal(run.status);
     run = { ...run, ...next };
     renderRunInfo();
-    if (isTerminal(run.status)) stopLive();
+    if (wasLive && isTerminal(run.status)) {
+      stopLive();
+      refreshCheckpoints(); // the final save and the exports land as the run ends
+    }
   }
 
   async function refreshRun() {
@@ -149,7 +152,7 @@ export function renderRun(view, runId) {
   async function refreshCheckpoints() {
     try {
       const page = await api(`${base}/checkpoints`, { query: { limit: 100 } });
-      fill(checkpointsBox, checkpointsTable(page.data ?? page));
+      fill(checkpointsBox, checkpointsTable(page.data));
     } catch (err) {
       fill(checkpointsBox, h("p", { class: "form-error" }, `Could not load checkpoints: ${errorMessage(err)}`));
     }
@@ -157,22 +160,21 @@ export function renderRun(view, runId) {
 
   async function loadEvents(after) {
     const page = await api(`${base}/events`, { query: { limit: 100, after } });
-    events.add(page.data ?? page);
+    onEvents(page.data);
   }
 
+  // The stream sends `metrics` (one row), `event` (one event) and `status` (the whole run object,
+  // whenever its status or a stage's step changes), each with a replay cursor as its id.
   function onStreamMessage({ event, data }) {
-    if (event === "metrics" || event === "metric") addMetrics(data);
-    else if (event === "event") events.add([data]);
-    else if (event === "checkpoint") refreshCheckpoints();
-    else if (event === "status" || event === "run" || event === "progress") {
-      setRun(data?.object === "run" ? data : { ...pickRunFields(data) });
-      refreshRun();
-    } else if (event === "end" || event === "done") {
-      refreshRun();
-      refreshCheckpoints();
-      return "close";
-    }
+    if (event === "metrics") addMetrics(data);
+    else if (event === "event") onEvents([data]);
+    else if (event === "status") setRun(data);
     return isTerminal(run.status) ? "close" : undefined;
+  }
+
+  function onEvents(list) {
+    events.add(list);
+    if (list.some((e) => e.kind?.startsWith("checkpoint"))) refreshCheckpoints();
   }
 
   function startLive() {
@@ -184,16 +186,15 @@ export function renderRun(view, runId) {
         if (!disposed && !isTerminal(run.status)) startPolling();
       },
     });
-    // Progress and ETA change every step; the run object carries them, so refresh it on a timer too.
-    every(RUN_REFRESH_MS, refreshRun);
   }
 
   function startPolling() {
     liveState.textContent = "Polling (stream unavailable)";
     every(POLL_MS, async () => {
       await refreshRun();
-      const after = store.lastStep(stage);
-      addMetrics(await api(`${base}/metrics`, { query: { stage, after_step: after ?? undefined } }));
+      const current = runProgress(run).stage ?? 0;
+      const after = store.lastStep(current);
+      addMetrics(await api(`${base}/metrics`, { query: { stage: current, after_step: after ?? undefined } }));
       await loadEvents(events.lastId ?? undefined);
     });
   }
@@ -222,9 +223,10 @@ export function renderRun(view, runId) {
   async function act(action, button) {
     button.disabled = true;
     try {
+      const wasLive = !isTerminal(run.status);
       setRun(await api(`${base}/${action}`, { method: "POST" }));
       notify(action === "cancel" ? "Cancellation requested." : "Run resumed.");
-      if (action === "resume" && !stream && !timers.length) startLive();
+      if (!wasLive && !isTerminal(run.status)) startLive();
     } catch (err) {
       notify(`Could not ${action} the run: ${errorMessage(err)}`, "error");
       renderRunInfo();
@@ -260,12 +262,4 @@ export function renderRun(view, runId) {
     timers.forEach(clearTimeout);
     charts.forEach((c) => c.destroy());
   };
-}
-
-function pickRunFields(data) {
-  if (!data || typeof data !== "object") return {};
-  const { status, progress, stages, error, finished_at, started_at } = data;
-  return Object.fromEntries(
-    Object.entries({ status, progress, stages, error, finished_at, started_at }).filter(([, v]) => v !== undefined),
-  );
 }
