@@ -112,6 +112,20 @@ def test_watch_a_real_run_train_then_cancel_it(
     page.get_by_text("Finished (cancelled)").wait_for()
     save_screenshot(page, tmp_path, "dashboard-live-run-cancelled.png")
 
+    # Downloads carry the key (fetch + blob URL): one file of the checkpoint saved at cancel.
+    checkpoint = page.locator("#checkpoints-table tbody tr").first
+    checkpoint.locator("summary", has_text="Files").click()
+    first_file = checkpoint.locator(".files li").first
+    file_path = first_file.locator(".mono").inner_text()
+    with page.expect_download() as download:
+        first_file.get_by_role("button", name="Download").click()
+    saved = tmp_path / "downloaded"
+    download.value.save_as(saved)
+    with live_stack.client() as client:
+        ckpt_id = checkpoint.get_attribute("data-checkpoint-id")
+        files = {f["path"]: f["size"] for f in client.get(f"/v1/checkpoints/{ckpt_id}").json()["files"]}
+    assert saved.stat().st_size == files[file_path]
+
     page.set_viewport_size({"width": 390, "height": 844})
     page.reload()
     page.locator("h1 .badge", has_text="cancelled").wait_for()

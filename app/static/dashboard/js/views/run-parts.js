@@ -107,15 +107,17 @@ function fileList(ckpt, files) {
   );
 }
 
+// The list answer carries each checkpoint's files; if one does not, they are fetched on first open.
 function filesDetails(ckpt) {
+  const summary = h("summary", {}, `Files${ckpt.files ? ` (${ckpt.files.length})` : ""}`);
+  if (ckpt.files) return h("details", {}, summary, fileList(ckpt, ckpt.files));
   const body = h("div", {}, h("p", { class: "muted small" }, "Loading files…"));
-  const details = h("details", {}, h("summary", {}, `Files${ckpt.files ? ` (${ckpt.files.length})` : ""}`), body);
+  const details = h("details", {}, summary, body);
   details.addEventListener(
     "toggle",
     async () => {
       try {
-        const files = ckpt.files ?? (await api(`/v1/checkpoints/${ckpt.id}`)).files ?? [];
-        fill(body, fileList(ckpt, files));
+        fill(body, fileList(ckpt, (await api(`/v1/checkpoints/${ckpt.id}`)).files));
       } catch (err) {
         fill(body, h("p", { class: "form-error" }, `Could not list files: ${errorMessage(err)}`));
       }
