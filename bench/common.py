@@ -88,3 +88,26 @@ def timed() -> Iterator[list[float]]:
         yield out
     finally:
         out[0] = time.perf_counter() - start
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def fresh_database(name: str, admin_url: str = PG_ADMIN_URL) -> Iterator[str]:
+    """Yields the SQLAlchemy URL of a new, migrated PostgreSQL database, dropped afterwards."""
+    import psycopg
+
+    from app.db.migrate import migrate
+
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    url = f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
