@@ -27,11 +27,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(prefix="/v1", tags=["inference"], lifespan=lifespan)
 BackendDep = Annotated[InferenceBackend, Depends(get_inference_backend)]
-ERRORS = error_responses(400, 401, 404, 422, 503)
+# With `stream: true` the 200 answer is Server-Sent Events: `data: {chunk}` lines, then `data: [DONE]`.
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+RESPONSES = {**error_responses(400, 401, 404, 422, 503), **STREAMED}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest,
     session: SessionDep,
@@ -47,7 +49,7 @@ async def chat_completions(
     return await openai_api.create_chat_completion(backend, model, body)
 
 
-@router.post("/completions", response_model=Completion, responses=ERRORS)
+@router.post("/completions", response_model=Completion, responses=RESPONSES)
 async def completions(
     body: CompletionRequest,
     session: SessionDep,

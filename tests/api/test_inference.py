@@ -8,13 +8,15 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from app.db.migrate import migrate
 from app.db.session import make_session_factory
@@ -206,10 +208,14 @@ async def _chat(http: httpx.AsyncClient, key: str, model: str, max_tokens: int =
     )
 
 
-def _run_in_app(settings: Settings, scenario) -> object:  # noqa: ANN001 - an async function of (app, http)
+Scenario = Callable[[FastAPI, httpx.AsyncClient], Awaitable[Any]]
+
+
+def _run_in_app(settings: Settings, scenario: Scenario) -> Any:
+    """Returns what `scenario` returns, run against a fresh in-process app (its backend closed after)."""
     app = create_app(settings)
 
-    async def main() -> object:
+    async def main() -> Any:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
             try:
@@ -226,7 +232,7 @@ def test_ten_concurrent_chats_succeed_within_the_cache_bound(env: Env) -> None:
     settings = env.settings.model_copy(update={"inference_cache_bytes": bound})
     models = [BASE_MODEL, env.checkpoints["adapter"], env.checkpoints["merged"]]
 
-    async def scenario(app, http):  # noqa: ANN001, ANN202
+    async def scenario(app: FastAPI, http: httpx.AsyncClient) -> Any:
         responses = await asyncio.gather(*(_chat(http, env.key, models[i % 3]) for i in range(10)))
         cache = app_backend(app).cache
         return responses, (cache.loads, cache.evictions, cache.accounted_bytes)
@@ -244,7 +250,7 @@ def test_ten_concurrent_chats_succeed_within_the_cache_bound(env: Env) -> None:
 def test_a_small_cache_bound_evicts_and_is_never_exceeded(env: Env) -> None:
     models = [BASE_MODEL, env.checkpoints["adapter"], env.checkpoints["merged"]]
 
-    async def measure(app, http):  # noqa: ANN001, ANN202
+    async def measure(app: FastAPI, http: httpx.AsyncClient) -> Any:
         assert (await _chat(http, env.key, BASE_MODEL)).status_code == 200
         return app_backend(app).cache.accounted_bytes
 
@@ -252,7 +258,7 @@ def test_a_small_cache_bound_evicts_and_is_never_exceeded(env: Env) -> None:
     bound = int(one_model * 1.5)  # room for one model at a time
     settings = env.settings.model_copy(update={"inference_cache_bytes": bound})
 
-    async def scenario(app, http):  # noqa: ANN001, ANN202
+    async def scenario(app: FastAPI, http: httpx.AsyncClient) -> Any:
         cache = app_backend(app).cache
         peaks, statuses = [], []
         for i in range(6):
@@ -267,7 +273,7 @@ def test_a_small_cache_bound_evicts_and_is_never_exceeded(env: Env) -> None:
 
 
 def test_generation_does_not_block_the_event_loop(env: Env) -> None:
-    async def scenario(app, http):  # noqa: ANN001, ANN202
+    async def scenario(app: FastAPI, http: httpx.AsyncClient) -> Any:
         await _chat(http, env.key, BASE_MODEL, max_tokens=1)  # load the model first
         started = time.monotonic()
         long_chat = asyncio.create_task(_chat(http, env.key, BASE_MODEL, max_tokens=400))

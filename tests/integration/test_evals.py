@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class Env:
 def env(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_model_dir: Path,
-    worker_process_factory,  # noqa: ANN001, F811
+    worker_process_factory: Callable[..., object],  # noqa: F811 - the fixture imported above
 ) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("evals")
     settings = Settings(data_dir=root / "data", base_models_dir=root / "models", env="test")

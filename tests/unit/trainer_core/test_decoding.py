@@ -27,7 +27,9 @@ def prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer("What is 2+3?")["input_ids"]
 
 
-def test_greedy_follows_the_argmax_of_full_forwards(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_greedy_follows_the_argmax_of_full_forwards(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     out = decode(
         model, tokenizer, prompt, DecodingParams(max_new_tokens=6, temperature=0), eos_token_ids=NO_EOS
     )
@@ -40,7 +42,9 @@ def test_greedy_follows_the_argmax_of_full_forwards(model, tokenizer, prompt) ->
     assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
-def test_seeded_sampling_repeats_and_other_seeds_differ(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_seeded_sampling_repeats_and_other_seeds_differ(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     def sample(seed: int) -> list[int]:
         params = DecodingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=seed)
         return decode(model, tokenizer, prompt, params, eos_token_ids=NO_EOS).token_ids
@@ -49,7 +53,9 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(model, tokenizer, prompt
     assert sample(5) != sample(6)
 
 
-def test_stop_string_ends_the_text_before_it_and_streaming_adds_up(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_stop_string_ends_the_text_before_it_and_streaming_adds_up(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     free = decode(
         model, tokenizer, prompt, DecodingParams(max_new_tokens=12, temperature=0), eos_token_ids=NO_EOS
     )
@@ -68,7 +74,9 @@ def test_stop_string_ends_the_text_before_it_and_streaming_adds_up(model, tokeni
     assert "".join(pieces) == out.text
 
 
-def test_streamed_pieces_add_up_to_the_text_without_stop(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_streamed_pieces_add_up_to_the_text_without_stop(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     pieces: list[tuple[str, list[TokenLogprob]]] = []
     params = DecodingParams(max_new_tokens=10, temperature=0, logprobs=True)
     out = decode(
@@ -78,7 +86,9 @@ def test_streamed_pieces_add_up_to_the_text_without_stop(model, tokenizer, promp
     assert [e for _, lps in pieces for e in lps] == out.logprobs
 
 
-def test_logprobs_describe_each_generated_token(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_logprobs_describe_each_generated_token(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     params = DecodingParams(max_new_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
     out = decode(model, tokenizer, prompt, params, eos_token_ids=NO_EOS)
     assert [e.token_id for e in out.logprobs] == out.token_ids
@@ -89,7 +99,9 @@ def test_logprobs_describe_each_generated_token(model, tokenizer, prompt) -> Non
         assert entry.top[0] == (entry.token, pytest.approx(entry.logprob))  # greedy picks the top token
 
 
-def test_eos_ends_the_sequence_and_is_left_out(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_eos_ends_the_sequence_and_is_left_out(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     first = decode(
         model, tokenizer, prompt, DecodingParams(max_new_tokens=3, temperature=0), eos_token_ids=NO_EOS
     )
@@ -99,7 +111,9 @@ def test_eos_ends_the_sequence_and_is_left_out(model, tokenizer, prompt) -> None
     assert out.token_ids == first.token_ids[:2] and len(out.logprobs) == 2
 
 
-def test_should_stop_ends_decoding_early(model, tokenizer, prompt) -> None:  # noqa: ANN001
+def test_should_stop_ends_decoding_early(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
+) -> None:
     calls = iter(range(100))
     out = decode(
         model,

@@ -36,7 +36,9 @@ def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
     return load_tokenizer(tiny_model_dir)
 
 
-def test_loss_is_the_token_weighted_cross_entropy_of_trained_tokens(model, tokenizer) -> None:  # noqa: ANN001
+def test_loss_is_the_token_weighted_cross_entropy_of_trained_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
     result = evaluate(model, tokenizer, SFT, "sft", ["loss", "perplexity"], batch_size=2)
     total, count = 0.0, 0
     for record in SFT:
@@ -53,7 +55,9 @@ def test_loss_is_the_token_weighted_cross_entropy_of_trained_tokens(model, token
     assert result.num_examples == 3 and result.samples == []
 
 
-def test_preference_accuracy_flips_when_chosen_and_rejected_swap(model, tokenizer) -> None:  # noqa: ANN001
+def test_preference_accuracy_flips_when_chosen_and_rejected_swap(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
     pairs = [
         {"prompt": "1+1=", "chosen": "2", "rejected": "the answer is three"},
         {"prompt": "hi", "chosen": "hello there friend", "rejected": "no"},
@@ -71,7 +75,9 @@ def test_preference_accuracy_flips_when_chosen_and_rejected_swap(model, tokenize
     assert accuracy["loss"] > 0
 
 
-def test_exact_match_scores_greedy_generations_against_the_answer(model, tokenizer) -> None:  # noqa: ANN001
+def test_exact_match_scores_greedy_generations_against_the_answer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
     greedy = decode(
         model,
         tokenizer,
@@ -97,7 +103,7 @@ def test_exact_match_scores_greedy_generations_against_the_answer(model, tokeniz
     assert result.samples[0]["completion"] == greedy and result.samples[0]["scores"]["exact_match"] == 1.0
 
 
-def test_progress_reaches_one(model, tokenizer) -> None:  # noqa: ANN001
+def test_progress_reaches_one(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     seen: list[float] = []
     evaluate(
         model,
