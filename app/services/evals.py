@@ -6,10 +6,8 @@ An eval's models are resolved when it is created, so an alias names the checkpoi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -27,7 +25,6 @@ from app.schemas.evals import EvalCreate, EvalError, EvalOut, EvalResults, Model
 from app.services.pagination import paginate
 from app.settings import Settings
 from app.storage import LocalBlobStore
-from trainer_core.data.records import normalize
 from trainer_core.eval_metrics import check_metrics
 
 log = logging.getLogger("tuneyard.evals")
@@ -123,19 +120,6 @@ async def create_eval_async(
 # ---------------------------------------------------------------- execution (worker side)
 
 
-def read_records(path: Path, fmt: str, limit: int | None) -> list[dict[str, Any]]:
-    """Returns the first `limit` records of a validated JSONL dataset in canonical form."""
-    records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8-sig") as lines:
-        for line in lines:
-            if not line.strip():
-                continue
-            records.append(normalize(json.loads(line), fmt))  # type: ignore[arg-type]
-            if limit is not None and len(records) >= limit:
-                break
-    return records
-
-
 def results_object(results: list[ModelResult]) -> dict[str, Any]:
     """Returns the stored results: a side-by-side table and each model's metrics and samples."""
     table = [{"model": r.model, **r.metrics} for r in results]
@@ -157,6 +141,7 @@ def execute_eval(
     (a re-delivered message, or an eval already taken by another worker)."""
     # Imported here: torch and the model code load only in the worker that evaluates.
     from app.inference.loading import load_local_model
+    from trainer_core.data import load_records
     from trainer_core.evaluation import GenerationSettings, evaluate
     from trainer_core.modeling import choose_device
 
@@ -173,7 +158,7 @@ def execute_eval(
         try:
             dataset = _usable_dataset(session, team, request.dataset_id)
             fmt = dataset.format or ""
-            records = read_records(store.path_for(dataset.blob_key), fmt, request.max_examples)
+            records = load_records(store.path_for(dataset.blob_key), fmt)[: request.max_examples]  # type: ignore[arg-type]
             generation = GenerationSettings(
                 **request.generation.model_dump() | {"stop": tuple(request.generation.stop)}
             )
