@@ -56,19 +56,27 @@ def seed_runs(sessions: sessionmaker[Session], team_id: str, count: int) -> None
             run.stages = [
                 RunStage(index=j, method=m, total_steps=500,
                          status=stage_status(status, last=j == len(methods) - 1),
-                         step=500 if status == "succeeded" else (i * 7) % 500)
+                         step={"succeeded": 500, "queued": 0}.get(status, (i * 7) % 500))
                 for j, m in enumerate(methods)
             ]
             session.add(run)
         session.commit()
 
 
-def measure(base_url: str, key: str, loads: int) -> tuple[list[float], list[float], float]:
-    """Returns (interactive ms per load, wall ms per load, next-page ms)."""
+BREAKDOWN_JS = """() => {
+    const nav = performance.getEntriesByType('navigation')[0];
+    const runs = performance.getEntriesByType('resource').find((r) => r.name.includes('/v1/runs'));
+    return {dcl: nav.domContentLoadedEventEnd, fetchStart: runs?.startTime, fetchEnd: runs?.responseEnd};
+}"""
+
+
+def measure(base_url: str, key: str, loads: int) -> tuple[list[float], list[float], list[dict], float]:
+    """Returns (interactive ms per load, wall ms per load, timing breakdown per load, next-page ms)."""
     from playwright.sync_api import sync_playwright
 
     marks: list[float] = []
     walls: list[float] = []
+    breakdowns: list[dict] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -84,6 +92,7 @@ def measure(base_url: str, key: str, loads: int) -> tuple[list[float], list[floa
             walls.append((time.perf_counter() - started) * 1000)
             marks.append(page.evaluate(
                 "performance.getEntriesByName('tuneyard:runs-interactive')[0].startTime"))
+            breakdowns.append(page.evaluate(BREAKDOWN_JS))
             rows = page.locator("#runs-table tbody tr").count()
             if rows == 0:
                 raise SystemExit("the runs table rendered no rows")
@@ -96,7 +105,7 @@ def measure(base_url: str, key: str, loads: int) -> tuple[list[float], list[floa
         browser.close()
     if errors:
         print("console errors:", *errors, sep="\n  ")
-    return marks, walls, next_ms
+    return marks, walls, breakdowns, next_ms
 
 
 def main() -> None:
@@ -110,7 +119,7 @@ def main() -> None:
         seed_runs(sessions, team_id, args.runs)
         process, base_url = start_api(data_dir, data_dir)
         try:
-            marks, walls, next_ms = measure(base_url, key, args.loads)
+            marks, walls, breakdowns, next_ms = measure(base_url, key, args.loads)
         finally:
             stop(process)
             sessions.kw["bind"].dispose()
@@ -120,6 +129,9 @@ def main() -> None:
     median = statistics.median(marks)
     print(f"  first (cold) {marks[0]:.0f} ms, median {median:.0f} ms, max {max(marks):.0f} ms")
     print(f"wall time of page.goto until ready, median: {statistics.median(walls):.0f} ms")
+    for i, b in enumerate(breakdowns):
+        print(f"  load {i + 1}: DOMContentLoaded {b['dcl']:.0f} ms, GET /v1/runs?limit=50 "
+              f"{b['fetchStart']:.0f}-{b['fetchEnd']:.0f} ms, rendered {marks[i]:.0f} ms")
     print(f"'Next page' click until page 2 shown: {next_ms:.0f} ms")
 
 

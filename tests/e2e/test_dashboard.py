@@ -82,6 +82,7 @@ def test_eval_results_are_shown_side_by_side(
     page.get_by_role("link", name="Evals").click()
     page.get_by_role("link", name="base-vs-sft").click()
     table = page.locator("#eval-results")
+    table.wait_for()
     headers = table.locator("thead th").all_text_contents()
     assert headers == ["Metric", "base", "ckpt_seeded"]
     loss_row = table.locator("tbody tr", has_text="loss")

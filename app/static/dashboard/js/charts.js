@@ -3,6 +3,21 @@
 import { h } from "./dom.js";
 import { formatNumber } from "./format.js";
 
+const LIBRARY_URL = "/dashboard/static/vendor/uPlot.iife.min.js";
+let libraryLoading = null;
+
+/** Resolves once the vendored uPlot is loaded; only pages with charts pay for it. */
+export function loadChartLibrary() {
+  if (window.uPlot) return Promise.resolve();
+  libraryLoading ??= new Promise((resolve, reject) => {
+    const script = h("script", { src: LIBRARY_URL });
+    script.addEventListener("load", resolve);
+    script.addEventListener("error", () => reject(new Error("the chart library did not load")));
+    document.head.append(script);
+  });
+  return libraryLoading;
+}
+
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"];
 const HEIGHT = 200;
 
@@ -60,24 +75,29 @@ export class MetricChart {
   }
 
   update(steps, series) {
-    this.element.dataset.points = String(steps.length);
+    loadChartLibrary().then(
+      () => this.draw(steps, series),
+      () => (this.canvas.textContent = "The chart library did not load; the latest values are below."),
+    );
     const latest = series.map((s) => `${s.name} ${formatNumber(lastValue(s.values))}`).join(" · ");
     this.caption.textContent = steps.length
       ? `${steps.length} point${steps.length === 1 ? "" : "s"} · step ${steps.at(-1)} · ${latest}`
       : "No points yet";
-    if (!window.uPlot) {
-      this.canvas.textContent = "Chart library did not load; values are in the caption.";
-      return;
-    }
+  }
+
+  draw(steps, series) {
+    if (this.destroyed) return;
     const names = series.map((s) => s.name).join("|");
     if (!this.plot || names !== this.names) {
       this.names = names;
       this.build(series);
     }
     this.plot.setData([steps, ...series.map((s) => s.values)]);
+    this.element.dataset.points = String(steps.length); // what is drawn, for tests and tools
   }
 
   destroy() {
+    this.destroyed = true;
     this.resizer.disconnect();
     this.plot?.destroy();
   }
@@ -91,6 +111,7 @@ function formatTicks(ticks) {
   for (let digits = 2; digits <= 6; digits += 1) {
     labels = ticks.map((v) => {
       if (v == null) return "";
+      if (v === 0) return "0";
       return big ? v.toExponential(digits - 1) : String(Number(v.toPrecision(digits)));
     });
     if (new Set(labels).size === labels.length) break;
