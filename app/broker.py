@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from app.settings import Settings
 
@@ -57,7 +57,9 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=CONNECT_TIMEOUT_S,
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue on its own exchange and routing key: a bare Queue(name) is bound to the default
+        # exchange and key, which copies every message into every queue.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_routes=TASK_ROUTES,
         task_ignore_result=True,

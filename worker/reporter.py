@@ -46,7 +46,7 @@ class DbReporter:
     """Writes one attempt's reports; every transaction is fenced by the attempt number."""
 
     def __init__(self, sessions: sessionmaker[Session], store_root: Path, claim: Claim, team_id: str,
-                 lease: Lease, *, flush_rows: int = 64, flush_seconds: float = 1.0) -> None:
+                 lease: Lease, *, flush_rows: int = 64, flush_seconds: float = 0.5) -> None:
         self._sessions = sessions
         self._root = store_root.resolve()
         self.run_id = claim.run_id
