@@ -52,6 +52,49 @@ def test_seeded_run_page_follows_new_metrics_and_cancels(
     assert console_errors == []
 
 
+def test_run_page_polls_when_the_stream_is_unavailable(
+    live_service: LiveService, browser: Any, tmp_path: Path
+) -> None:
+    run_id = seed.seed_running_run(live_service.sessions, live_service.team_id, "no-stream")
+    seed.add_train_steps(live_service.sessions, run_id, 1, 5)
+    page = new_page(browser, [])  # the refused stream requests are logged as console errors here
+    page.route("**/stream", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body='{"error": {"type": "unavailable", "code": "busy", "message": "try later", "param": null}}'))
+    sign_in(page, live_service.base_url, live_service.key)
+    page.goto(f"{live_service.base_url}/#/runs/{run_id}")
+    page.get_by_text("Polling (stream unavailable)").wait_for(timeout=30_000)
+
+    seed.add_train_steps(live_service.sessions, run_id, 6, 12)
+    page.wait_for_function("document.querySelector('#chart-loss').dataset.points === '12'")
+
+
+def test_stream_reconnects_with_last_event_id(live_service: LiveService, browser: Any) -> None:
+    run_id = seed.seed_running_run(live_service.sessions, live_service.team_id, "reconnects")
+    page = new_page(browser, [])
+    requests: list[dict[str, str]] = []
+
+    def first_cut_short(route: Any) -> None:
+        requests.append(route.request.headers)
+        if len(requests) == 1:  # one message, then the connection ends
+            body = ('retry: 100\n\nid: m999-e999\nevent: metrics\ndata: {"stage_index": 0, "step": 1, '
+                    '"split": "train", "values": {"loss": 2.5}}\n\n')
+            route.fulfill(status=200, content_type="text/event-stream", body=body)
+        else:
+            route.continue_()
+
+    page.route("**/stream", first_cut_short)
+    sign_in(page, live_service.base_url, live_service.key)
+    page.goto(f"{live_service.base_url}/#/runs/{run_id}")
+    page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '1'")
+    page.wait_for_function("document.querySelector('#live-state').textContent === '● Live'")
+    page.wait_for_timeout(500)
+    assert len(requests) >= 2
+    assert "last-event-id" not in requests[0]
+    assert requests[1]["last-event-id"] == "m999-e999"
+    assert requests[1]["authorization"] == f"Bearer {live_service.key}"
+
+
 def test_datasets_page_shows_validation_errors_with_line_numbers(
     live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
 ) -> None:

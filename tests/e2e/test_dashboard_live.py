@@ -83,6 +83,11 @@ def loss_points(page: Any) -> int:
     return int(page.locator("#chart-loss").get_attribute("data-points") or 0)
 
 
+def wait_for_more_points(page: Any, than: int, timeout: float) -> None:
+    page.wait_for_function(
+        "n => Number(document.querySelector('#chart-loss')?.dataset.points) > n", arg=than, timeout=timeout)
+
+
 def test_watch_a_real_run_train_then_cancel_it(
     live_stack: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
 ) -> None:
@@ -95,12 +100,9 @@ def test_watch_a_real_run_train_then_cancel_it(
     row.locator(".badge", has_text="running").wait_for(timeout=180_000)  # worker start and model load
     row.get_by_role("link", name="live-sft").click()
 
-    page.wait_for_function(
-        "Number(document.querySelector('#chart-loss')?.dataset.points) >= 3", timeout=120_000)
+    wait_for_more_points(page, 2, timeout=120_000)
     seen = loss_points(page)
-    page.wait_for_function(
-        "n => Number(document.querySelector('#chart-loss').dataset.points) > n", arg=seen, timeout=60_000)
-    assert loss_points(page) > seen
+    wait_for_more_points(page, seen, timeout=60_000)
     assert page.locator("#live-state").inner_text() == "● Live"  # updates came over the SSE stream
 
     page.once("dialog", lambda dialog: dialog.accept())
@@ -124,10 +126,19 @@ def test_watch_a_real_run_train_then_cancel_it(
         files = {f["path"]: f["size"] for f in client.get(f"/v1/checkpoints/{ckpt_id}").json()["files"]}
     assert saved.stat().st_size == files[file_path]
 
+    # Resume continues from the checkpoint: the page goes live again and the chart grows past it.
+    at_cancel = loss_points(page)
+    page.get_by_role("button", name="Resume run").click()
+    page.locator("h1 .badge", has_text="running").wait_for(timeout=120_000)
+    wait_for_more_points(page, at_cancel, timeout=120_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel run").click()
+    page.locator("h1 .badge", has_text="cancelled").wait_for(timeout=90_000)
+
     page.set_viewport_size({"width": 390, "height": 844})
     page.reload()
     page.locator("h1 .badge", has_text="cancelled").wait_for()
-    page.wait_for_function("Number(document.querySelector('#chart-loss')?.dataset.points) > 0")
+    wait_for_more_points(page, 0, timeout=20_000)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     save_screenshot(page, tmp_path, "dashboard-live-run-phone.png")
 
