@@ -48,6 +48,7 @@ def dpo_stage(**overrides) -> DPOStage:
     return DPOStage(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_dpo_learns_the_preference_against_the_stage_start_reference(tiny_model_dir: Path,
                                                                       tmp_path: Path) -> None:
     stage = dpo_stage()
