@@ -4,41 +4,12 @@ chromium through Playwright. Skipped when chromium or Playwright is missing."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
-from tests.e2e.service import CHROMIUM, CHROMIUM_ARGS, prepare_database, start_api, stop
-
-E2E_DIR = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.is_relative_to(E2E_DIR):
-            item.add_marker(pytest.mark.browser)
-
-
-@dataclass
-class LiveService:
-    """A running API process, its database (for seeding) and an API key of one team."""
-
-    base_url: str
-    key: str
-    team_id: str
-    data_dir: Path
-    sessions: sessionmaker[Session]
-    processes: list[subprocess.Popen] = field(default_factory=list)
-
-    def client(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.key}"}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+from tests.e2e.service import CHROMIUM, CHROMIUM_ARGS, LiveService, prepare_database, start_api, stop
 
 
 @pytest.fixture(scope="module")

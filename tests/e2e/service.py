@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,21 @@ CHROMIUM_ARGS = [
 ]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+
+@dataclass
+class LiveService:
+    """A running API process, its database (for seeding) and an API key of one team."""
+
+    base_url: str
+    key: str
+    team_id: str
+    data_dir: Path
+    sessions: sessionmaker[Session]
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.e2e import seed
-from tests.e2e.conftest import LiveService
 from tests.e2e.pages import new_page, save_screenshot, sign_in
+from tests.e2e.service import LiveService
 
 pytestmark = pytest.mark.browser
 

@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import LiveService
 from tests.e2e.pages import new_page, save_screenshot, sign_in
-from tests.e2e.service import prepare_database, start_api, start_worker, stop
+from tests.e2e.service import LiveService, prepare_database, start_api, start_worker, stop
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
