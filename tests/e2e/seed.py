@@ -80,3 +80,16 @@ def seed_finished_eval(sessions: sessionmaker[Session], team_id: str, dataset_id
         session.add(row)
         session.commit()
     return row.id
+
+
+def finish_run(sessions: sessionmaker[Session], run_id: str, status: str) -> None:
+    """Ends a seeded run and its running stages with `status` (succeeded, failed or cancelled)."""
+    with sessions() as session:
+        run = session.get(Run, run_id)
+        run.status = status
+        run.finished_at = datetime.now(UTC)
+        for stage in run.stages:
+            if stage.status == "running":
+                stage.status = status
+                stage.finished_at = run.finished_at
+        session.commit()

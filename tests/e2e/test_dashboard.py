@@ -52,6 +52,23 @@ def test_seeded_run_page_follows_new_metrics_and_cancels(
     assert console_errors == []
 
 
+def test_runs_table_filters_by_status(
+    live_service: LiveService, browser: Any, console_errors: list[str]
+) -> None:
+    failed_id = seed.seed_running_run(live_service.sessions, live_service.team_id, "will-fail")
+    seed.finish_run(live_service.sessions, failed_id, "failed")
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+
+    page.get_by_label("Status").select_option("failed")
+    page.wait_for_url("**/#/runs?status=failed")
+    page.locator(f"#runs-table tr[data-run-id='{failed_id}']").wait_for()
+    assert set(page.locator("#runs-table tbody .badge").all_inner_texts()) == {"failed"}
+    page.get_by_label("Status").select_option("queued")
+    page.get_by_text("No queued runs.").wait_for()
+    assert console_errors == []
+
+
 def test_run_page_polls_when_the_stream_is_unavailable(
     live_service: LiveService, browser: Any, tmp_path: Path
 ) -> None:
