@@ -119,7 +119,8 @@ def measure_tokens_per_word(tokenizer: Any, seed: int = 5) -> float:
 
 
 def build_bench_model(out_dir: Path, size: str, seed: int = 0) -> Path:
-    """Returns a folder with the bench model: "tiny" (4×256, vocab 2048) or "0.5b" (Qwen2-0.5B-like sizes).
+    """Returns a folder with the bench model: "tiny" (4×256, vocab 2048), "0.5b" (Qwen2-0.5B-like sizes)
+    or "smoke" (2×64, vocab 512: only to check the script runs).
 
     Both share a locally trained 2048-token tokenizer; the 0.5b model keeps Qwen2-0.5B's 151,936-row
     embedding and head (ids above 2047 are simply never used), so its FLOPs per token are realistic.
@@ -128,6 +129,8 @@ def build_bench_model(out_dir: Path, size: str, seed: int = 0) -> Path:
 
     if (out_dir / "config.json").is_file():
         return out_dir
+    if size == "smoke":
+        return build_tiny_model(out_dir, seed=seed)
     build_tiny_model(
         out_dir,
         hidden_size=256,

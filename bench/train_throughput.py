@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--model-size", choices=["tiny", "0.5b"], help="default: tiny on cpu, 0.5b on cuda")
+    parser.add_argument(
+        "--model-size", choices=["tiny", "0.5b", "smoke"], help="default: tiny on cpu, 0.5b on cuda"
+    )
     parser.add_argument("--examples", type=int, default=128, help="training examples (one epoch)")
     parser.add_argument("--heldout", type=int, default=48, help="held-out examples for the loss comparison")
     parser.add_argument("--rounds", type=int, default=3, help="(ours, baseline) pairs")
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.examples, args.heldout, args.rounds, args.max_seq_len, args.median_len = 16, 4, 1, 128, 48
+        args.model_size = "smoke"
     args.model_size = args.model_size or ("0.5b" if args.device.startswith("cuda") else "tiny")
     return args
 
@@ -111,7 +114,15 @@ def prepare(args: argparse.Namespace, work_dir: Path) -> dict:
     }
 
 
-def run_worker(trainer: str, work_dir: Path) -> dict:
+def run_worker(trainer: str, work_dir: Path, in_process: bool) -> dict:
+    if in_process:  # --smoke: no fresh interpreter per run (saves the imports; timings not comparable)
+        from train_runners import BenchConfig, run_baseline, run_ours
+
+        state = json.loads((work_dir / "state.json").read_text())
+        cfg, out = BenchConfig(**state["config"]), work_dir / f"run-{trainer}"
+        if trainer == "ours":
+            return run_ours(cfg, state["train"], state["heldout"], out).to_json()
+        return run_baseline(cfg, state["train"], state["heldout"], state["order"], out).to_json()
     cmd = [sys.executable, __file__, "--worker", trainer, "--work-dir", str(work_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for _ in range(args.rounds):
             for trainer in ("ours", "baseline"):
-                runs.append(run_worker(trainer, work_dir))
+                runs.append(run_worker(trainer, work_dir, in_process=args.smoke))
                 print(
                     f"  {trainer}: {runs[-1]['real_tokens'] / runs[-1]['seconds']:.0f} real tok/s", flush=True
                 )
