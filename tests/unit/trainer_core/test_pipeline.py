@@ -2,52 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.unit.trainer_core.factories import two_stage_spec, write_datasets
 from trainer_core.checkpoint import read_manifest
-from trainer_core.config import RunSpec
 from trainer_core.errors import TrainingDataError
 from trainer_core.pipeline import run_pipeline
 from trainer_core.reporting import RecordingReporter
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-def write_datasets(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Returns (paths, formats) of a small chat SFT set and a preference set written as JSONL."""
-    sft = [{"messages": [{"role": "user", "content": f"Name colour {i}."},
-                         {"role": "assistant", "content": f"Colour {i} is {'red' if i % 2 else 'blue'}."}]}
-           for i in range(24)]
-    pref = [{"prompt": f"Question {i}: is {i} a number?", "chosen": f" Yes, {i} is a number.",
-             "rejected": f" No. {i} wrong."} for i in range(16)]
-    paths = {"ds_sft": folder / "sft.jsonl", "ds_pref": folder / "pref.jsonl"}
-    for key, rows in (("ds_sft", sft), ("ds_pref", pref)):
-        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths, {"ds_sft": "sft", "ds_pref": "preference"}
-
-
-def two_stage_spec(dropout: float = 0.0, **overrides) -> RunSpec:
-    """Returns an SFT (6 steps) → DPO (4 steps) spec on the tiny model."""
-    spec = {
-        "base_model": "tiny",
-        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": dropout, "target_modules": TARGETS},
-        "seed": 11,
-        "stages": [
-            {"method": "sft", "datasets": [{"id": "ds_sft"}], "max_steps": 6, "batch_size": 4,
-             "gradient_accumulation": 2, "learning_rate": 1e-2, "eval_fraction": 0.2, "eval_every_steps": 3,
-             "max_seq_len": 64},
-            {"method": "dpo", "datasets": [{"id": "ds_pref"}], "max_steps": 4, "batch_size": 4,
-             "learning_rate": 1e-2, "max_seq_len": 64},
-        ],
-        "checkpoint_every_steps": 2,
-        "keep_checkpoints": 2,
-        "export": ["adapter", "merged"],
-    }
-    return RunSpec.model_validate({**spec, **overrides})
 
 
 def test_sft_then_dpo_hands_weights_over_and_exports(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-# A sibling test module (tests/unit/trainer_core has no __init__, so pytest puts it on sys.path).
-from test_pipeline import two_stage_spec, write_datasets
-
+from tests.unit.trainer_core.factories import two_stage_spec, write_datasets
 from trainer_core.pipeline import run_pipeline
 from trainer_core.reporting import RecordingReporter
 
