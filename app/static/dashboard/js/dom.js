@@ -30,7 +30,8 @@ const TERMINAL_RUN_STATES = new Set(["succeeded", "failed", "cancelled"]);
 export const isTerminal = (status) => TERMINAL_RUN_STATES.has(status);
 
 export function statusBadge(status) {
-  return h("span", { class: `badge badge-${status ?? "unknown"}`, dataset: { status } }, status ?? "unknown");
+  const label = status ?? "unknown";
+  return h("span", { class: `badge badge-${label}`, dataset: { status: label } }, label);
 }
 
 /** A labelled progress bar; `fraction` in [0, 1] or null when unknown. */
