@@ -9,6 +9,8 @@ Starts, on a fresh PostgreSQL database seeded with one running run (2 stages, 2,
 The load generator (bench/load_client.py, or wrk) is its own process. Targets, alternating round
 by round, each with the same connections, warm-up and duration:
 - ceiling       GET /v1/constant
+- one_query     GET /v1/one_query/{id} on the ceiling app: one async SQL round trip, no auth
+                (what any DB-backed endpoint costs here at least)
 - run           GET /v1/runs/{id}                         (what a dashboard polls for status)
 - metrics       GET /v1/runs/{id}/metrics?after_step=N    (a chart polling for its newest points)
 - metrics_full  GET /v1/runs/{id}/metrics                 (a chart's first load: 13 series, ≤1000 points)
@@ -36,7 +38,7 @@ from common import REPO_ROOT, free_port, fresh_database, header, median, wait_fo
 from sqlalchemy.orm import sessionmaker
 
 BENCH = Path(__file__).resolve().parent
-TARGETS = ["ceiling", "run", "metrics", "metrics_full"]
+TARGETS = ["ceiling", "one_query", "run", "metrics", "metrics_full"]
 RUN_SHARE, RUN_P99, METRICS_SHARE = 0.60, 1.5, 0.30
 TRAIN_STEPS, POLL_WINDOW = 2_000, 20
 
@@ -154,7 +156,14 @@ def start_services(database_url: str, data_dir: Path) -> dict[str, Service]:
         ),
         "ceiling": Service(
             subprocess.Popen(
-                [sys.executable, str(BENCH / "ceiling_app.py"), "--port", str(ceiling_port)],
+                [
+                    sys.executable,
+                    str(BENCH / "ceiling_app.py"),
+                    "--port",
+                    str(ceiling_port),
+                    "--database-url",
+                    database_url.replace("postgresql+psycopg://", "postgresql://"),
+                ],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,
@@ -172,6 +181,7 @@ def target_urls(services: dict[str, Service], run_id: str) -> dict[str, tuple[in
     metrics = f"/v1/runs/{run_id}/metrics"
     return {
         "ceiling": (services["ceiling"].port, "/v1/constant"),
+        "one_query": (services["ceiling"].port, f"/v1/one_query/{run_id}"),
         "run": (services["api"].port, f"/v1/runs/{run_id}"),
         "metrics": (services["api"].port, f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
         "metrics_full": (services["api"].port, metrics),
