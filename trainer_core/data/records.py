@@ -285,6 +285,10 @@ def detect_format(obj: Any) -> DatasetFormat | None:
         return "preference"
     if "steps" in obj or "teacher_logprobs" in obj:
         return "trajectories"
+    text = obj.get("text")
+    # A trace's `prompt`/`messages` are its context: the marked-up text decides before they do.
+    if isinstance(text, str) and any(line.startswith(_TRACE_MARKERS) for line in text.splitlines()):
+        return "trajectories"
     if "completion" in obj:
         return "sft"
     if "answer" in obj or "difficulty" in obj:
@@ -295,11 +299,7 @@ def detect_format(obj: Any) -> DatasetFormat | None:
         return "sft" if has_assistant else "prompts"
     if "prompt" in obj:
         return "prompts"
-    text = obj.get("text")
-    if isinstance(text, str):
-        is_trace = any(line.startswith(_TRACE_MARKERS) for line in text.splitlines())
-        return "trajectories" if is_trace else "sft"
-    return None
+    return "sft" if isinstance(text, str) else None
 
 
 def _dump_messages(messages: list[Message]) -> list[dict[str, str]]:
