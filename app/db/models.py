@@ -163,6 +163,20 @@ class Metric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class MetricSeriesName(Base):
+    """The catalog of a run's series: which metric names each (stage, split) has points for.
+
+    Kept by the metric upsert, so listing a run's series reads a handful of rows instead of the
+    keys of every point.
+    """
+
+    __tablename__ = "metric_series"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    stage_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    split: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
 class Event(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)

@@ -1,10 +1,11 @@
 """Metric points: idempotent batched writes, series queries downsampled in SQL, run progress and ETA.
 
-Downsampling is bucketed min/max/last: the rows of each (stage, split) are cut into at most
-`max_points` buckets of consecutive steps (`ntile`), and every series gets one point per bucket —
-the last step in the bucket where it has a value, that value, and the bucket's min and max, so
-spikes stay visible. With fewer rows than buckets every row is its own bucket (no loss at all).
-The bucketing, extraction from the JSON column and aggregation all run in the database.
+Downsampling is bucketed min/max/last: the step range of each (stage, split) is cut into at most
+`max_points` equal-width step buckets, and every series gets one point per non-empty bucket — the
+last step in the bucket where it has a value, that value, and the bucket's min and max, so spikes
+stay visible. When the range fits, each step is its own bucket (no loss at all). Extraction from
+the JSON column, bucketing and aggregation run in the database; the series names come from a
+small catalog table kept by the writes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, text
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from app.db.models import Metric, Run
+from app.db.models import Metric, MetricSeriesName, Run
 from app.schemas.metrics import MetricSeries, MetricSeriesList, ProgressOut
 
 POINT_COLUMNS = ["step", "value", "min", "max"]
@@ -35,7 +36,10 @@ class MetricPoint:
 
 
 def upsert_metrics(session: Session, run_id: str, points: list[MetricPoint]) -> None:
-    """Writes points keyed by (run, stage, step, split); a point written again replaces the old values."""
+    """Writes points keyed by (run, stage, step, split); a point written again replaces the old values.
+
+    The series catalog gets any (stage, split, name) it did not have in the same transaction.
+    """
     if not points:
         return
     # The last report of a key in one batch wins, as it would across batches.
@@ -49,6 +53,10 @@ def upsert_metrics(session: Session, run_id: str, points: list[MetricPoint]) -> 
         set_={"values": stmt.excluded["values"], "created_at": stmt.excluded.created_at},
     )
     session.execute(stmt)
+    names = {(p.stage_index, p.split, name) for p in unique.values() for name in p.values}
+    session.execute(insert(MetricSeriesName).values(
+        [{"run_id": run_id, "stage_index": i, "split": split, "name": name}
+         for i, split, name in sorted(names)]).on_conflict_do_nothing())
 
 
 def _filters(run_id: str, stage: int | None, split: str | None, after_step: int | None) -> list[Any]:
@@ -62,69 +70,87 @@ def _filters(run_id: str, stage: int | None, split: str | None, after_step: int 
     return where
 
 
-def series_names(session: Session, run_id: str, stage: int | None, split: str | None,
-                 after_step: int | None) -> list[tuple[int, str, str]]:
-    """Returns every (stage, split, name) that has at least one point under the filters."""
-    dialect = session.get_bind().dialect.name
-    keys = "json_object_keys(m.values)" if dialect == "postgresql" else "json_each(m.\"values\")"
-    key_col = "k" if dialect == "postgresql" else "k.key"
-    clauses = ["m.run_id = :run_id"]
-    params: dict[str, Any] = {"run_id": run_id}
-    for column, value in (("stage_index", stage), ("split", split)):
-        if value is not None:
-            clauses.append(f"m.{column} = :{column}")
-            params[column] = value
-    if after_step is not None:
-        clauses.append("m.step > :after_step")
-        params["after_step"] = after_step
-    sql = (f"SELECT DISTINCT m.stage_index, m.split, {key_col} FROM metrics m, {keys} AS k "
-           f"WHERE {' AND '.join(clauses)}")
-    return sorted((int(s), sp, n) for s, sp, n in session.execute(text(sql), params))
+def series_names(session: Session, run_id: str, stage: int | None = None,
+                 split: str | None = None) -> list[tuple[int, str, str]]:
+    """Returns every (stage, split, name) the run has points for, from the series catalog."""
+    stmt = select(MetricSeriesName.stage_index, MetricSeriesName.split, MetricSeriesName.name).where(
+        MetricSeriesName.run_id == run_id)
+    if stage is not None:
+        stmt = stmt.where(MetricSeriesName.stage_index == stage)
+    if split is not None:
+        stmt = stmt.where(MetricSeriesName.split == split)
+    return sorted((int(i), sp, n) for i, sp, n in session.execute(stmt))
 
 
 def query_series(session: Session, run_id: str, *, stage: int | None = None, split: str | None = None,
                  names: list[str] | None = None, after_step: int | None = None,
                  max_points: int = 1000) -> MetricSeriesList:
     """Returns the run's metric series, each with at most `max_points` points (see the module doc)."""
-    found = series_names(session, run_id, stage, split, after_step)
+    found = series_names(session, run_id, stage, split)
     if names:
         wanted = set(names)
         found = [f for f in found if f[2] in wanted]
-    by_name = sorted({name for _, _, name in found})
-    if not by_name:
-        return MetricSeriesList(data=[], columns=POINT_COLUMNS)
-    where = _filters(run_id, stage, split, after_step)
-    values = [Metric.values[name].as_float().label(f"v{i}") for i, name in enumerate(by_name)]
-    rows = select(Metric.stage_index, Metric.split, Metric.step, *values).where(and_(*where)).subquery("x")
-    bucketed = select(
-        rows, func.ntile(max_points).over(partition_by=[rows.c.stage_index, rows.c.split],
-                                          order_by=rows.c.step).label("bucket"),
-    ).subquery("b")
-    group = [bucketed.c.stage_index, bucketed.c.split, bucketed.c.bucket]
-    last_steps = [func.max(case((bucketed.c[f"v{i}"].is_not(None), bucketed.c.step)))
-                  .over(partition_by=group).label(f"l{i}") for i in range(len(by_name))]
-    windowed = select(bucketed, *last_steps).subquery("w")
-    aggregates: list[Any] = []
-    for i in range(len(by_name)):
-        value, last = windowed.c[f"v{i}"], windowed.c[f"l{i}"]
-        aggregates += [func.max(last), func.max(case((windowed.c.step == last, value))),
-                       func.min(value), func.max(value)]
-    stmt = (select(windowed.c.stage_index, windowed.c.split, func.count().label("n"), *aggregates)
-            .group_by(windowed.c.stage_index, windowed.c.split, windowed.c.bucket)
-            .order_by(windowed.c.stage_index, windowed.c.split, windowed.c.bucket))
-    present = {(s, sp, n) for s, sp, n in found}
-    series: dict[tuple[int, str, str], MetricSeries] = {}
-    for row in session.execute(stmt):
-        stage_index, split_name, count = row[0], row[1], row[2]
-        for i, name in enumerate(by_name):
-            step, last, low, high = row[3 + 4 * i: 7 + 4 * i]
-            if step is None or (stage_index, split_name, name) not in present:
-                continue
-            item = series.setdefault((stage_index, split_name, name), MetricSeries(
-                name=name, stage_index=stage_index, split=split_name, points=[], downsampled=False))
-            item.points.append([int(step), _float(last), _float(low), _float(high)])
-            item.downsampled = item.downsampled or count > 1
-    return MetricSeriesList(data=[series[key] for key in sorted(series)], columns=POINT_COLUMNS)
+    groups: dict[tuple[int, str], list[str]] = {}
+    for i, sp, name in found:
+        groups.setdefault((i, sp), []).append(name)
+    data: list[MetricSeries] = []
+    for (stage_index, split_name), group_names in sorted(groups.items()):
+        span = session.execute(select(func.min(Metric.step), func.max(Metric.step), func.count()).where(
+            and_(*_filters(run_id, stage_index, split_name, after_step)))).one()
+        low, high, count = span
+        if not count:
+            continue
+        width = max(1, -(-(high - low + 1) // max_points))  # ceil: at most max_points buckets
+        points = _bucket_points(session, run_id, stage_index, split_name, group_names, after_step, low, width)
+        for name, series_points in zip(group_names, points, strict=True):
+            if series_points:
+                data.append(MetricSeries(name=name, stage_index=stage_index, split=split_name,
+                                         points=series_points, downsampled=count > len(series_points)))
+    return MetricSeriesList(data=data, columns=POINT_COLUMNS)
+
+
+def _bucket_points(session: Session, run_id: str, stage: int, split: str, names: list[str],
+                   after_step: int | None, low: int, width: int) -> list[list[list[float | None]]]:
+    """Returns, per name, the [last step, last value, min, max] of each step bucket `[low + k·width, …)`.
+
+    PostgreSQL parses each row's JSON once (`json_to_record`) and aggregates with a hash GROUP BY;
+    SQLite extracts with `json_extract` and finds each bucket's last value with a window.
+    """
+    params: dict[str, Any] = {"run_id": run_id, "stage": stage, "split": split, "low": low, "width": width,
+                              "after": after_step if after_step is not None else -1}
+    where = "m.run_id = :run_id AND m.stage_index = :stage AND m.split = :split AND m.step > :after"
+    bucket = "(m.step - :low) / :width"
+    if session.get_bind().dialect.name == "postgresql":
+        quoted = ['"' + name.replace('"', '""') + '"' for name in names]
+        # max(ARRAY[step, value]) compares step first: the bucket's last [step, value], no sort.
+        aggregates = ", ".join(f"max(ARRAY[m.step::float8, r.{q}]) FILTER (WHERE r.{q} IS NOT NULL), "
+                               f"min(r.{q}), max(r.{q})" for q in quoted)
+        record = ", ".join(f"{q} float8" for q in quoted)
+        sql = (f"SELECT {bucket} AS b, {aggregates} "
+               f"FROM metrics m, json_to_record(m.\"values\") AS r({record}) "
+               f"WHERE {where} GROUP BY b ORDER BY b")
+    else:
+        extract = ", ".join(f"json_extract(m.\"values\", :p{i}) AS v{i}" for i in range(len(names)))
+        params.update({f"p{i}": '$."' + name.replace('"', '\\"') + '"' for i, name in enumerate(names)})
+        lasts = ", ".join(f"max(CASE WHEN v{i} IS NOT NULL THEN step END) OVER (PARTITION BY b) AS l{i}"
+                          for i in range(len(names)))
+        aggregates = ", ".join(f"max(l{i}), max(CASE WHEN step = l{i} THEN v{i} END), min(v{i}), max(v{i})"
+                               for i in range(len(names)))
+        sql = (f"SELECT b, {aggregates} FROM (SELECT *, {lasts} FROM ("
+               f"SELECT m.step, {bucket} AS b, {extract} FROM metrics m WHERE {where})) "
+               "GROUP BY b ORDER BY b")
+    out: list[list[list[float | None]]] = [[] for _ in names]
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for row in session.execute(text(sql), params):
+        for i in range(len(names)):
+            if postgres:
+                pair, low_v, high_v = row[1 + 3 * i: 4 + 3 * i]
+                step, last = pair if pair is not None else (None, None)
+            else:
+                step, last, low_v, high_v = row[1 + 4 * i: 5 + 4 * i]
+            if step is not None:
+                out[i].append([int(step), _float(last), _float(low_v), _float(high_v)])
+    return out
 
 
 def _float(value: Any) -> float | None:
