@@ -148,6 +148,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         children["reaper"] = subprocess.Popen([*me, "reaper"])
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nTuneyard is starting at {url}  (data in {settings.data_dir})")
+    key: str | None = None
     if not settings.auth_enabled:
         print("authentication is OFF: no key needed (never expose this server)")
     elif key := _first_start_key(settings):
@@ -155,7 +156,22 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  curl -H 'Authorization: Bearer {key}' {url}/v1/datasets")
     else:
         print("use the key printed at first start, or create one: tuneyard keys create --team NAME")
+    if getattr(args, "demo", False):
+        from app.client_cli import run_demo
+
+        run_demo(url, key or _demo_key(settings), TINY_MODEL)
     return _supervise(children)
+
+
+def _demo_key(settings: Settings) -> str | None:
+    """Returns a fresh key of the default team for the demo (None when authentication is off)."""
+    if not settings.auth_enabled:
+        return None
+    from app.db.session import make_session_factory
+    from app.services.auth import DEFAULT_TEAM, create_api_key
+
+    with make_session_factory(settings)() as session:
+        return create_api_key(session, DEFAULT_TEAM, "tuneyard up --demo")[1]
 
 
 def _supervise(children: dict[str, subprocess.Popen]) -> int:
@@ -211,8 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--name", default=TINY_MODEL)
     tiny.set_defaults(run=cmd_models_init_tiny)
     sub.add_parser("reaper", help="re-queue stale and unclaimed runs, forever").set_defaults(run=cmd_reaper)
-    sub.add_parser("up", help="embedded all-in-one: migrate, tiny model, API + worker + reaper") \
-        .set_defaults(run=cmd_up)
+    up = sub.add_parser("up", help="embedded all-in-one: migrate, tiny model, API + worker + reaper")
+    up.add_argument("--demo", action="store_true",
+                    help="then upload a small dataset and submit a short SFT run")
+    up.set_defaults(run=cmd_up)
+    from app.client_cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""The embedded default end to end: `tuneyard up --demo` (SQLite, kombu filesystem broker, one
+worker and the reaper as subprocesses) trains its demo run; the terminal client follows it, lists
+it and downloads its adapter (sha256-verified)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.integration.conftest import FAST, REPO, free_port, wait_for
+
+
+def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
+    env.update({f"TUNEYARD_{k.upper()}": v for k, v in FAST.items()})
+    env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_PORT=str(port), TUNEYARD_ENV="test",
+               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--demo"], cwd=REPO, env=env,
+                          stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        submitted = re.compile(r"TUNEYARD_API_KEY=(\S+) tuneyard runs follow (run_\w+)")
+        found = wait_for(lambda: submitted.search(log.read_text()), 180, "the demo run", every=0.5)
+        key, run_id = found.group(1), found.group(2)
+        client_env = {**env, "TUNEYARD_URL": f"http://127.0.0.1:{port}", "TUNEYARD_API_KEY": key}
+
+        def tuneyard(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=client_env,
+                                  capture_output=True, text=True, timeout=300)
+
+        follow = tuneyard("runs", "follow", run_id)
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        assert f"run {run_id}: succeeded" in follow.stdout
+        assert run_id in tuneyard("runs", "list").stdout
+
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
+        run = api.get(f"/v1/runs/{run_id}").json()
+        assert run["status"] == "succeeded" and run["stages"][0]["step"] == 30
+        listed = api.get(f"/v1/runs/{run_id}/checkpoints").json()["data"]
+        adapter = next(c for c in listed if c["kind"] == "adapter")
+        target = tmp_path / "download"
+        # A partial file left by an interrupted download is resumed with a Range request.
+        weights = next(f for f in adapter["files"] if f["path"].endswith(".safetensors"))
+        partial = api.get(f"/v1/checkpoints/{adapter['id']}/files/{weights['path']}",
+                          headers={"Range": "bytes=0-999"}).content
+        (target / weights["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (target / (weights["path"] + ".part")).write_bytes(partial)
+        download = tuneyard("checkpoints", "download", adapter["id"], str(target))
+        assert download.returncode == 0, download.stdout + download.stderr
+        assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == sorted(
+            f["path"] for f in adapter["files"])
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
