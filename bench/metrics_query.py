@@ -83,7 +83,8 @@ def time_backend(name: str, settings: Settings, args: argparse.Namespace) -> Non
     series = body["data"]
     longest = max(len(s["points"]) for s in series)
     print(f"{name:>8}: {args.steps} steps x {len(NAMES)} metrics -> {len(series)} series, "
-          f"<= {longest} points each | HTTP median {median(http_ms):.1f} ms, p90 {percentile(sorted(http_ms), 0.9):.1f} ms | "
+          f"<= {longest} points each | HTTP median {median(http_ms):.1f} ms, "
+          f"p90 {percentile(sorted(http_ms), 0.9):.1f} ms | "
           f"service median {median(service_ms):.1f} ms | target < 200 ms: "
           f"{'OK' if median(http_ms) < 200 else 'MISSED'}")
 
