@@ -36,7 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=96, help="training examples (one epoch)")
     parser.add_argument("--heldout", type=int, default=48, help="held-out examples for the loss comparison")
     parser.add_argument("--rounds", type=int, default=5, help="(ours, baseline) pairs")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads in each run (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run; 0 = torch's default (all cores). One by default: on a "
+        "shared machine a second OpenMP thread stalls at every barrier whenever its core is taken: "
+        "timings then swing 10x and say more about the neighbours than about the trainers",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -202,13 +209,13 @@ def report(args: argparse.Namespace, state: dict, runs: list[dict]) -> None:
     )
     held_diff = abs(held_o - held_b) / held_b
     print(
-        f"held-out loss (same {len(state['heldout'])} examples, same function): ours {held_o:.4f}  "
-        f"baseline {held_b:.4f}  diff {held_diff:.2%} (<= {LOSS_TOLERANCE:.0%}: "
+        f"held-out loss (same {len(state['heldout'])} examples, same function): ours {held_o:.7f}  "
+        f"baseline {held_b:.7f}  relative diff {held_diff:.1e} (<= {LOSS_TOLERANCE:.0%}: "
         f"{'OK' if held_diff <= LOSS_TOLERANCE else 'NO'}); untrained {state['initial_heldout_loss']:.4f}"
     )
     print(
         f"mean train loss over the last steps (per-step token-mean CE as each trainer logs it): "
-        f"ours {train_o:.4f}  baseline {train_b:.4f}  diff {abs(train_o - train_b) / train_b:.2%}"
+        f"ours {train_o:.7f}  baseline {train_b:.7f}  relative diff {abs(train_o - train_b) / train_b:.1e}"
     )
     if args.device.startswith("cuda"):
         flops_per_token = 6 * state["base_params"]
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"batch {args.batch_size} x accum {args.grad_accum}, lr {args.lr} cosine, LoRA r={args.lora_r} "
             f"on q,k,v,o (dropout {args.lora_dropout}), 1 epoch, {args.rounds} rounds alternating, "
-            f"torch threads {args.threads or 'default'}"
+            f"torch threads {args.threads or 'default (all cores)'}"
         )
         runs = []
         for _ in range(args.rounds):
