@@ -1,4 +1,4 @@
-"""Typed configuration of a training run: adapter, stages, rewards, teachers.
+"""Typed configuration of a training run: adapter, stages, teachers (reward specs: reward_config.py).
 
 These models are the contract between the API and the trainer: the API validates a submitted run
 spec with exactly these classes and the trainer runs what they describe. This module must import
@@ -7,10 +7,11 @@ without torch (the API imports it on the request path).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from trainer_core.reward_config import ExactMatchReward, RewardSpec
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
 Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
@@ -56,87 +57,6 @@ class FullAdapter(_Strict):
 Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
 
 
-# ---------------------------------------------------------------- rewards
-
-
-class _RewardBase(_Strict):
-    weight: float = 1.0
-
-
-class ExactMatchReward(_RewardBase):
-    type: Literal["exact_match"]
-
-
-class NumericMatchReward(_RewardBase):
-    type: Literal["numeric_match"]
-    tolerance: float = Field(1e-6, ge=0)
-
-
-class RegexReward(_RewardBase):
-    type: Literal["regex"]
-    pattern: str
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
-        return v
-
-
-class ContainsReward(_RewardBase):
-    type: Literal["contains"]
-    text: str | None = None
-
-
-class FormatReward(_RewardBase):
-    type: Literal["format"]
-    pattern: str | None = None
-
-
-class LengthPenaltyReward(_RewardBase):
-    type: Literal["length_penalty"]
-    max_length: int = Field(512, ge=1)
-    penalty_per_char: float = Field(0.001, ge=0)
-
-
-RewardFunction = Annotated[
-    ExactMatchReward
-    | NumericMatchReward
-    | RegexReward
-    | ContainsReward
-    | FormatReward
-    | LengthPenaltyReward,
-    Field(discriminator="type"),
-]
-
-
-class CombinedReward(_Strict):
-    """A weighted sum of reward functions."""
-
-    type: Literal["combined"]
-    functions: list[RewardFunction] = Field(min_length=1)
-
-
-RewardSpec = Annotated[
-    ExactMatchReward
-    | NumericMatchReward
-    | RegexReward
-    | ContainsReward
-    | FormatReward
-    | LengthPenaltyReward
-    | CombinedReward,
-    Field(discriminator="type"),
-]
-
-
-def reward_functions(spec: RewardSpec) -> list[RewardFunction]:
-    """Returns the flat list of weighted reward functions a reward spec stands for."""
-    return list(spec.functions) if isinstance(spec, CombinedReward) else [spec]
-
-
 # ---------------------------------------------------------------- stages
 
 
@@ -153,13 +73,21 @@ class PromptCurriculum(_Strict):
     start_level: int = 0
 
 
+# Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
+# fine-tuning moves every weight: a stage that leaves learning_rate unset gets these 10x lower rates.
+FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
+    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5,
+}
+LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
+
+
 class StageBase(_Strict):
     datasets: list[DatasetRef] = Field(min_length=1)
     eval_dataset: str | None = None
     eval_fraction: float = Field(0.0, ge=0, le=0.5, description="held-out share of the training mixture")
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
     batch_size: int = Field(8, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     max_seq_len: int = Field(2048, ge=8)
@@ -169,6 +97,33 @@ class StageBase(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every_steps: int | None = Field(None, ge=1)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _one_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("epochs") is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_stage(cls, v: int, info: ValidationInfo) -> int:
+        max_steps = info.data.get("max_steps")
+        if max_steps is not None and v >= max_steps:
+            raise ValueError(
+                f"warmup_steps ({v}) must be below max_steps ({max_steps}): the rate would never leave warmup"
+            )
+        return v
+
+    @field_validator("eval_every_steps")
+    @classmethod
+    def _has_eval_data(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("eval_fraction") and info.data.get("eval_dataset") is None:
+            raise ValueError(
+                "eval_every_steps needs eval data: set eval_fraction > 0 (held out from the training "
+                "mixture) or eval_dataset"
+            )
+        return v
 
     @model_validator(mode="after")
     def _default_length(self) -> StageBase:
@@ -185,9 +140,17 @@ class SFTStage(StageBase):
 
 class DPOStage(StageBase):
     method: Literal["dpo"]
+    learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_is_sigmoid_only(cls, v: float, info: ValidationInfo) -> float:
+        if v and info.data.get("loss_type") == "ipo":
+            raise ValueError("label_smoothing applies to loss_type 'sigmoid' only (cDPO); IPO has none")
+        return v
 
 
 class _RolloutStage(StageBase):
@@ -197,9 +160,21 @@ class _RolloutStage(StageBase):
     top_p: float = Field(1.0, gt=0, le=1)
     curriculum: PromptCurriculum | None = None
 
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _prompt_fits(cls, v: int, info: ValidationInfo) -> int:
+        max_seq_len = info.data.get("max_seq_len")
+        if max_seq_len is not None and v >= max_seq_len:
+            raise ValueError(
+                f"max_new_tokens ({v}) must be below max_seq_len ({max_seq_len}): prompt and completion "
+                "share max_seq_len, and the prompt keeps its last max_seq_len - max_new_tokens tokens"
+            )
+        return v
+
 
 class GRPOStage(_RolloutStage):
     method: Literal["grpo"]
+    learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
     num_generations: int = Field(8, ge=2)
     epsilon: float = Field(0.2, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0)
@@ -207,18 +182,21 @@ class GRPOStage(_RolloutStage):
     loss_aggregation: Literal["grpo", "dapo"] = "grpo"
     advantage_scaling: Literal["group", "batch", "none"] = "group"
 
-    @model_validator(mode="after")
-    def _batch_divisible(self) -> GRPOStage:
-        if self.batch_size % self.num_generations:
+    @field_validator("num_generations")
+    @classmethod
+    def _batch_divisible(cls, v: int, info: ValidationInfo) -> int:
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and batch_size % v:
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be divisible by num_generations "
-                f"({self.num_generations}): each batch holds whole groups of completions"
+                f"batch_size ({batch_size}) must be divisible by num_generations ({v}): each batch "
+                "holds whole groups of completions"
             )
-        return self
+        return v
 
 
 class PPOStage(_RolloutStage):
     method: Literal["ppo"]
+    learning_rate: float = Field(1e-5, gt=0, le=1, description=LEARNING_RATE_NOTE)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     vf_coef: float = Field(0.1, ge=0)
@@ -330,6 +308,18 @@ class RunSpec(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     export: list[Literal["adapter", "merged"]] = ["adapter"]
     integrations: Integrations = Integrations()
+
+    @model_validator(mode="after")
+    def _full_finetune_rates(self) -> RunSpec:
+        if isinstance(self.adapter, FullAdapter):
+            # Only rates the user left unset; a dumped spec states its rates, so this runs once.
+            stages = [
+                stage if "learning_rate" in stage.model_fields_set
+                else stage.model_copy(update={"learning_rate": FULL_FINETUNE_LEARNING_RATES[stage.method]})
+                for stage in self.stages
+            ]
+            object.__setattr__(self, "stages", stages)
+        return self
 
     @model_validator(mode="after")
     def _export_matches_adapter(self) -> RunSpec:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from trainer_core.config import GRPOStage, PPOStage, RewardSpec, reward_functions
+from trainer_core.config import GRPOStage, PPOStage
 from trainer_core.curriculum import PromptSchedule
 from trainer_core.data.render import render_prompt
 from trainer_core.generation import (
@@ -34,6 +34,7 @@ from trainer_core.generation import (
 )
 from trainer_core.losses.grpo import grpo_advantages, grpo_loss
 from trainer_core.methods.base import LossOutput, StageContext
+from trainer_core.reward_config import RewardSpec, reward_functions
 from trainer_core.rewards import combined_reward
 
 # Key that separates the evaluation sampling stream from every training step's stream.

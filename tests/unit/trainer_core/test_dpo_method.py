@@ -44,7 +44,7 @@ def _context(model_dir: Path, stage: DPOStage, train: list[dict], eval_records: 
 
 def dpo_stage(**overrides) -> DPOStage:
     values = dict(method="dpo", datasets=[{"id": "p"}], max_steps=15, learning_rate=1e-2, batch_size=8,
-                  beta=0.1, max_seq_len=64, eval_every_steps=5)
+                  beta=0.1, max_seq_len=64, eval_dataset="p_eval", eval_every_steps=5)
     return DPOStage(**{**values, **overrides})
 
 

@@ -96,7 +96,7 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_stop_and_resume_reproduce_the_straight_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    stage = _stage(eval_every_steps=3)
+    stage = _stage(eval_dataset="d_eval", eval_every_steps=3)
     straight = RecordingReporter()
     model_a, outcome = _train(tiny_model_dir, tmp_path / "a", ToyMethod(6, 2, 3), straight, stage)
     assert outcome.status == "finished"
@@ -122,7 +122,7 @@ def test_retention_keeps_last_k_and_the_best(tiny_model_dir: Path, tmp_path: Pat
     reporter = RecordingReporter()
     folder = tmp_path / "stage"
     _train(tiny_model_dir, folder, ToyMethod(6, 1, 4), reporter,
-           _stage(eval_every_steps=2, learning_rate=1e-3), keep=1, every=2)
+           _stage(eval_dataset="d_eval", eval_every_steps=2, learning_rate=1e-3), keep=1, every=2)
     kept = complete_checkpoints(folder)
     evals = {read_manifest(p)["step"]: read_manifest(p)["metrics"].get("eval_loss") for p in kept}
     assert 6 in evals

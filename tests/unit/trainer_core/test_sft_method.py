@@ -74,7 +74,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_model_dir: Path, tmp_
 
 
 def test_eval_loss_falls_on_a_learnable_set(tiny_model_dir: Path, tmp_path: Path) -> None:
-    stage = sft_stage(eval_every_steps=10)
+    stage = sft_stage(eval_dataset="d_eval", eval_every_steps=10)
     ctx = make_context(tiny_model_dir, stage, phrase_records(48), phrase_records(56)[48:], tmp_path)
     method = SFTMethod(ctx)
     torch.manual_seed(0)
