@@ -83,11 +83,7 @@ class PromptRollouts:
     """
 
     def __init__(self, ctx: StageContext, stage: GRPOStage | PPOStage, prompts_per_step: int) -> None:
-        budget = stage.max_seq_len - stage.max_new_tokens
-        if budget < 1:
-            raise ValueError(
-                f"max_seq_len ({stage.max_seq_len}) must exceed max_new_tokens ({stage.max_new_tokens})"
-            )
+        budget = stage.max_seq_len - stage.max_new_tokens  # >= 1: the stage config checks it
         self._stage = stage
         self._ctx = ctx
         self._train = [render_prompt(ctx.tokenizer, record)[-budget:] for record in ctx.train_records]
