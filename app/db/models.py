@@ -97,6 +97,8 @@ class Dataset(Base):
     errors: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None]
+    # When the reaper last sent the validation message again (a lost message or a dead worker).
+    resent_at: Mapped[datetime | None]
 
 
 class Run(Base):
@@ -120,6 +122,8 @@ class Run(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None]
     queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    # When the reaper last re-sent the message of this queued period (None: not yet).
+    resent_at: Mapped[datetime | None]
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -218,3 +222,9 @@ class Eval(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # The lease, as for runs: every claim increments `attempt` (the fencing token of its writes).
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    resent_at: Mapped[datetime | None]
