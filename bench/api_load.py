@@ -177,6 +177,16 @@ def start_services(database_url: str, data_dir: Path) -> dict[str, Service]:
     return services
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Stops a service; uvicorn waits for in-flight requests, so a stalled one is killed after 15 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def target_urls(services: dict[str, Service], run_id: str) -> dict[str, tuple[int, str]]:
     metrics = f"/v1/runs/{run_id}/metrics"
     return {
@@ -195,6 +205,11 @@ def check_targets(urls: dict[str, tuple[int, str]], auth: str) -> None:
         if response.status_code != 200:
             raise SystemExit(f"{name}: GET {path} answered {response.status_code}: {response.text[:300]}")
         print(f"  {name:<13} GET {path}  -> 200, {len(response.content):,} bytes")
+
+
+def drain(port: int, path: str, auth: str) -> None:
+    """Returns once the target answers a lone request (a stalled backlog must not spill into the next)."""
+    httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Authorization": auth}, timeout=120)
 
 
 def load_python(port: int, path: str, auth: str, args: argparse.Namespace) -> dict:
@@ -227,16 +242,21 @@ def load_wrk(port: int, path: str, auth: str, args: argparse.Namespace) -> dict:
     ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    timeouts = re.search(r"Socket errors:.*timeout (\d+)", text)
     return {
         "req_per_s": rate,
         "p50_ms": _wrk_ms(text, "50%"),
         "p99_ms": _wrk_ms(text, "99%"),
         "errors": int(errors.group(1)) if errors else 0,
+        "timeouts": int(timeouts.group(1)) if timeouts else 0,
     }
 
 
 def _wrk_ms(text: str, label: str) -> float:
-    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", text).groups()
+    found = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", text)
+    if found is None:
+        return float("nan")
+    value, unit = found.groups()
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
@@ -327,10 +347,12 @@ def main(argv: list[str] | None = None) -> None:
                 for target in targets:
                     port, path = urls[target]
                     results[target].append(load(port, path, auth, args))
+                    drain(port, path, auth)
                     r = results[target][-1]
                     print(
                         f"  {target:<13} {r['req_per_s']:>8.0f} req/s  p50 {r['p50_ms']:>7.1f} ms  "
-                        f"p99 {r['p99_ms']:>7.1f} ms  errors {r['errors']}",
+                        f"p99 {r['p99_ms']:>7.1f} ms  errors {r['errors']}  timeouts {r['timeouts']}"
+                        + ("  <- STALLED: no response within the window" if r["req_per_s"] == 0 else ""),
                         flush=True,
                     )
             report(results)
@@ -344,8 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                     print("\n".join(profile_api(pid, port, path, auth, args, Path(tmp) / f"{target}.txt")))
         finally:
             for service in services.values():
-                service.process.terminate()
-                service.process.wait(timeout=15)
+                stop(service.process)
     print(f"finished: {header('end').splitlines()[1]}")
 
 

@@ -5,7 +5,8 @@
 Raw asyncio streams on uvloop with pre-encoded requests and minimal response parsing, so one
 Python process can drive a few thousand requests/s at a single uvicorn worker without becoming
 the bottleneck (httpx costs several times more CPU per request). Prints one JSON object:
-requests, seconds, req_per_s, p50_ms, p99_ms, errors (non-2xx or broken connections).
+requests, seconds, req_per_s, p50_ms, p99_ms, errors (non-2xx or broken connections) and
+timeouts (requests still unanswered 5 s after the measured window: a stalled server).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from dataclasses import dataclass, field
 CONTENT_LENGTH = b"content-length:"
 
 
+GRACE_SECONDS = 5.0  # how long past the window an outstanding response is waited for
+
+
 @dataclass
 class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    timeouts: int = 0  # requests still unanswered GRACE_SECONDS after the window closed
 
 
 def build_request(host: str, port: int, path: str, headers: list[str]) -> bytes:
@@ -47,16 +52,22 @@ async def connection(
     try:
         while (started := time.perf_counter()) < until:
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(body_length(head))
+            head, _ = await asyncio.wait_for(_response(reader), until + GRACE_SECONDS - started)
             if started >= measure_from:
                 tally.latencies.append(time.perf_counter() - started)
                 if not head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")):
                     tally.errors += 1
+    except TimeoutError:
+        tally.timeouts += 1
     except (ConnectionError, asyncio.IncompleteReadError, ValueError):
         tally.errors += 1
     finally:
         writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    return head, await reader.readexactly(body_length(head))
 
 
 async def run_load(
@@ -81,6 +92,7 @@ async def run_load(
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "errors": tally.errors,
+        "timeouts": tally.timeouts,
     }
 
 
