@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,3 +79,40 @@ class Lease:
         if row is None or row.attempt != self.attempt or row.status not in ("running", "cancelling"):
             raise StaleAttempt(self.run_id, self.attempt)
         return row.status
+
+
+class Heartbeat:
+    """Calls `beat()` every `seconds` on a thread until stopped; `lost` is set once a beat is refused.
+
+    The lease of jobs that need no cancel watch (evals): `beat` raises `stale` when the job
+    was taken away, and the job's own next fenced write then ends it.
+    """
+
+    def __init__(self, name: str, beat: Callable[[], None], seconds: float,
+                 stale: type[Exception]) -> None:
+        self.name = name
+        self._beat = beat
+        self.seconds = seconds
+        self._stale = stale
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{name}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.seconds):
+            try:
+                self._beat()
+            except self._stale:
+                log.warning("%s lost its lease; its next write ends it", self.name)
+                self.lost.set()
+                return
+            except Exception:  # a database hiccup: the next beat retries
+                log.exception("%s: heartbeat failed", self.name)

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 from celery import shared_task
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.session import make_session_factory
-from app.services.evals import execute_eval
-from app.settings import get_settings
-from app.storage import LocalBlobStore
+from worker import evals
 
 
-@cache
-def _sessions() -> sessionmaker[Session]:
-    return make_session_factory(get_settings())
-
-
-@shared_task(name="tuneyard.run_eval", acks_late=True, ignore_result=True)
+@shared_task(name="tuneyard.run_eval", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_eval(eval_id: str) -> None:
-    settings = get_settings()
-    execute_eval(_sessions(), settings, LocalBlobStore(settings.storage_dir), eval_id)
+    evals.run_eval(eval_id)
