@@ -52,7 +52,7 @@ def transition_values(run_id: str, old: str, new: str, now: datetime | None = No
     now = now or utcnow()
     values: dict[str, Any] = {"status": new}
     if new == "queued":
-        values.update(queued_at=now, finished_at=None, lease_owner=None, heartbeat_at=None)
+        values.update(queued_at=now, resent_at=None, finished_at=None, lease_owner=None, heartbeat_at=None)
     elif new == "running":
         values.update(heartbeat_at=now)
     elif new in TERMINAL:

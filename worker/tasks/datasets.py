@@ -6,6 +6,7 @@ import logging
 from functools import cache
 
 from celery import shared_task
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Dataset, utcnow
@@ -32,7 +33,9 @@ def _store() -> LocalBlobStore:
 def validate_dataset_blob(sessions: sessionmaker[Session], store: BlobStore, dataset_id: str) -> str | None:
     """Returns the dataset's new status (ready|invalid) after validating its blob, None if skipped.
 
-    A dataset that is gone or no longer `validating` is skipped, so a re-delivered message is harmless.
+    A dataset that is gone or no longer `validating` is skipped, and the result is written only
+    while the dataset is still `validating`, so a re-delivered or re-sent message (even one running
+    beside the first copy) is harmless: validation of the same blob gives the same result.
     """
     with sessions() as session:
         dataset = session.get(Dataset, dataset_id)
@@ -40,19 +43,26 @@ def validate_dataset_blob(sessions: sessionmaker[Session], store: BlobStore, dat
             state = dataset.status if dataset else "deleted"
             log.info("dataset %s: nothing to validate (%s)", dataset_id, state)
             return None
-        with store.open(dataset.blob_key) as stream:
-            report = validate_jsonl(stream, dataset.format, max_errors=MAX_REPORTED_ERRORS)
-        result = report.to_dict()
-        dataset.format = report.format
-        dataset.num_records = report.num_records
-        dataset.errors = result["errors"]
-        dataset.stats = {**result["stats"], "num_errors": report.num_errors}
-        dataset.status = "ready" if report.ok else "invalid"
-        dataset.validated_at = utcnow()
+        blob_key, fmt = dataset.blob_key, dataset.format
+    # No transaction stays open while a large file is read.
+    with store.open(blob_key) as stream:
+        report = validate_jsonl(stream, fmt, max_errors=MAX_REPORTED_ERRORS)
+    result = report.to_dict()
+    status = "ready" if report.ok else "invalid"
+    with sessions() as session:
+        written = session.execute(
+            update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "validating")
+            .values(format=report.format, num_records=report.num_records, errors=result["errors"],
+                    stats={**result["stats"], "num_errors": report.num_errors}, status=status,
+                    validated_at=utcnow())
+            .execution_options(synchronize_session=False)).rowcount
         session.commit()
-        log.info("dataset %s: %s, %d records, %d errors", dataset_id, dataset.status, report.num_records,
-                 report.num_errors)
-        return dataset.status
+    if not written:
+        log.info("dataset %s: validated elsewhere or deleted meanwhile; result dropped", dataset_id)
+        return None
+    log.info("dataset %s: %s, %d records, %d errors", dataset_id, status, report.num_records,
+             report.num_errors)
+    return status
 
 
 @shared_task(name="tuneyard.validate_dataset", acks_late=True, ignore_result=True)
