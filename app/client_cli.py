@@ -121,7 +121,7 @@ def follow_run(api: httpx.Client, run_id: str) -> str:
 
     def bar(index: int, total: int | None, method: str) -> tqdm:
         if index not in bars:
-            bars[index] = tqdm(total=total, desc=f"stage {index} {method}", position=index, unit="step",
+            bars[index] = tqdm(total=total, desc=f"stage {index + 1} {method}", position=index, unit="step",
                                dynamic_ncols=True, leave=True)
         elif total and bars[index].total != total:
             bars[index].total = total
@@ -171,12 +171,18 @@ def cmd_runs_follow(args: argparse.Namespace) -> int:
     return 0 if follow_run(client(), args.run_id) == "succeeded" else 1
 
 
+def _stage_number(index: int | None) -> str:
+    """Returns the stage as people count it (from 1; the API's index is 0-based)."""
+    return "-" if index is None else str(index + 1)
+
+
 def cmd_runs_list(args: argparse.Namespace) -> int:
     params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
     for run in _ok(client().get("/v1/runs", params=params))["data"]:
         progress = run["progress"]
         print(f"{run['id']}  {run['status']:<10} {progress['fraction'] * 100:5.1f}%  "
-              f"stage {progress['stage']} step {progress['step']}/{progress['total_steps'] or '?'}  "
+              f"stage {_stage_number(progress['stage'])} "
+              f"step {progress['step']}/{progress['total_steps'] or '?'}  "
               f"{run['name'] or ''}")
     return 0
 

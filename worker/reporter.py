@@ -4,6 +4,9 @@ Metrics are buffered and written in batches (every `flush_rows` points or `flush
 batch one transaction that starts with the attempt's fence and upserts rows keyed by
 (run, stage, step, split) — so a resumed attempt rewriting steps after its checkpoint leaves no
 duplicates. A write refused by the fence raises `StaleAttempt` out of the training loop.
+
+Event text is for people, so stages are numbered from 1 there ("stage 1/2 (sft) started", as the
+dashboard and the client show them); `data.stage_index` stays the API's 0-based index.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import RunStage, utcnow
-from app.services.checkpoints import mark_checkpoint_removed, register_checkpoint
+from app.db.models import Checkpoint, RunStage, utcnow
+from app.services.checkpoints import MANIFEST, mark_checkpoint_removed, register_checkpoint
 from app.services.execution import Claim, add_event, fence
 from app.services.metrics import MetricPoint, upsert_metrics
 from trainer_core.reporting import CheckpointInfo
@@ -42,11 +45,46 @@ def _json_safe(data: dict | None) -> dict | None:
     return None if data is None else json.loads(json.dumps(data, default=str))
 
 
+def stage_label(index: int, num_stages: int | None, method: str | None = None) -> str:
+    """Returns how people see a stage: "stage 1/2 (sft)" for index 0 of two (1-based, as shown everywhere)."""
+    label = f"stage {index + 1}/{num_stages}" if num_stages else f"stage {index + 1}"
+    return f"{label} ({method})" if method else label
+
+
+def event_text(kind: str, message: str, data: dict[str, Any], num_stages: int | None) -> str:
+    """Returns the event's text with its stage numbered from 1 (the trainer numbers from 0)."""
+    index = data.get("stage_index")
+    if index is None:
+        return message
+    label = stage_label(int(index), num_stages, data.get("method"))
+    if kind in ("stage_started", "stage_finished"):
+        return f"{label} {kind.removeprefix('stage_')}"
+    if kind == "resumed":
+        return f"resumed from {label} step {data.get('step')}"
+    return message
+
+
+def complete_folders(work_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Returns (folder, manifest) of the complete checkpoint and export folders of a run's work_dir.
+
+    Folders are renamed into place with their manifest already written, so a final name with a
+    manifest means complete; `*.tmp` folders are ignored.
+    """
+    found = []
+    for folder in sorted([*work_dir.glob("stage-*/checkpoint-*"), *work_dir.glob("export/*")]):
+        manifest = folder / MANIFEST
+        if folder.name.endswith(".tmp") or not manifest.is_file():
+            continue
+        found.append((folder, json.loads(manifest.read_text())))
+    return found
+
+
 class DbReporter:
     """Writes one attempt's reports; every transaction is fenced by the attempt number."""
 
     def __init__(self, sessions: sessionmaker[Session], store_root: Path, claim: Claim, team_id: str,
-                 lease: Lease, *, flush_rows: int = 64, flush_seconds: float = 0.5) -> None:
+                 lease: Lease, *, num_stages: int | None = None, flush_rows: int = 64,
+                 flush_seconds: float = 0.5) -> None:
         self._sessions = sessions
         self._root = store_root.resolve()
         self.run_id = claim.run_id
@@ -54,6 +92,7 @@ class DbReporter:
         self.resume_reason = claim.resume_reason
         self.team_id = team_id
         self.lease = lease
+        self.num_stages = num_stages
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self._buffer: list[MetricPoint] = []
@@ -77,6 +116,7 @@ class DbReporter:
     def on_event(self, kind: str, message: str, data: dict | None = None) -> None:
         self.flush()
         data = _json_safe(data) or {}
+        message = event_text(kind, message, data, self.num_stages)
         if kind == "resumed" and self.resume_reason:
             message = f"{message} {self.resume_reason}"
             data["reason"] = self.resume_reason
@@ -104,10 +144,42 @@ class DbReporter:
                 step=info.step, kind=info.kind, blob_prefix=self.blob_key(info.path),
                 files=[vars(f) for f in info.files], metrics=finite_values(metrics))
             add_event(session, self.run_id, self.attempt, "checkpoint_saved",
-                      f"{info.kind} checkpoint of stage {info.stage_index} at step {info.step} saved",
+                      f"{info.kind} checkpoint of {stage_label(info.stage_index, self.num_stages)} "
+                      f"at step {info.step} saved",
                       {"checkpoint_id": checkpoint.id, "stage_index": info.stage_index, "step": info.step,
                        "kind": info.kind})
             session.commit()
+
+    def register_unrecorded_checkpoints(self, work_dir: Path) -> list[str]:
+        """Returns the ids of checkpoints registered now: complete folders an earlier attempt wrote
+        but did not live to register. Rows of folders retention already deleted are marked removed.
+
+        Idempotent: a folder the database has is left as it is.
+        """
+        found = {self.blob_key(folder): manifest for folder, manifest in complete_folders(work_dir)}
+        prefix = self.blob_key(work_dir) + "/"
+        with self._sessions() as session:
+            fence(session, self.run_id, self.attempt)
+            live = set(session.scalars(select(Checkpoint.blob_prefix).where(
+                Checkpoint.run_id == self.run_id, Checkpoint.deleted_at.is_(None))))
+            registered = []
+            for key, manifest in found.items():
+                if key in live:
+                    continue
+                checkpoint = register_checkpoint(
+                    session, run_id=self.run_id, team_id=self.team_id,
+                    stage_index=int(manifest["stage_index"]), step=int(manifest["step"]),
+                    kind=manifest["kind"], blob_prefix=key, files=list(manifest.get("files", [])),
+                    metrics=finite_values(manifest.get("metrics") or {}))
+                registered.append(checkpoint.id)
+            for key in sorted(k for k in live - found.keys() if k.startswith(prefix)):
+                mark_checkpoint_removed(session, self.run_id, key)
+            if registered:
+                add_event(session, self.run_id, self.attempt, "checkpoints_recovered",
+                          f"registered {len(registered)} checkpoint(s) written by an earlier attempt that "
+                          "ended before recording them", {"checkpoint_ids": registered}, "warning")
+            session.commit()
+        return registered
 
     def on_checkpoint_removed(self, path: Path) -> None:
         with self._sessions() as session:

@@ -90,12 +90,15 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
             return "skipped"
         run = session.get(Run, run_id)
         assert run is not None
-        spec_json, team_id = run.spec, run.team_id
+        spec_json, team_id, num_stages = run.spec, run.team_id, len(run.stages)
     log.info("run %s: attempt %d claimed by %s", run_id, claim.attempt, owner)
     lease = Lease(sessions, run_id, claim.attempt, heartbeat_seconds=settings.heartbeat_seconds).start()
-    reporter = DbReporter(sessions, store.root, claim, team_id, lease)
+    reporter = DbReporter(sessions, store.root, claim, team_id, lease, num_stages=num_stages)
     work_dir = store.path_for(work_dir_key(run_id))
     try:
+        # A worker that died between writing a checkpoint and registering it left a complete folder
+        # the database lacks; the trainer resumes from it, so it must be listed too.
+        reporter.register_unrecorded_checkpoints(work_dir)
         spec = RunSpec.model_validate(spec_json)
         with sessions() as session:
             inputs = resolve_inputs(session, settings, store, team_id, spec)
