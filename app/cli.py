@@ -19,6 +19,11 @@ from app.settings import Settings, get_settings
 
 TINY_MODEL = "tiny-llama"
 ALL_QUEUES = "train,cpu,eval"
+# `up` runs one worker for every queue: with two pool processes, a training run in one leaves the
+# other free for dataset validation and evals (each task still gets a fresh process, one
+# prefetched message per process). Two runs submitted together may then train side by side;
+# production workers take `train` with one process per GPU.
+EMBEDDED_CONCURRENCY = 2
 
 
 def load_settings() -> Settings:
@@ -142,7 +147,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     me = [sys.executable, "-m", "app.cli"]
     children = {
         "api": subprocess.Popen([*me, "api"]),
-        "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES]),
+        "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
+                                    "--concurrency", str(EMBEDDED_CONCURRENCY)]),
     }
     if _reaper() is not None:
         children["reaper"] = subprocess.Popen([*me, "reaper"])

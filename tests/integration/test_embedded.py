@@ -1,9 +1,10 @@
 """The embedded default end to end: `tuneyard up --demo` (SQLite, kombu filesystem broker, one
 worker and the reaper as subprocesses) trains its demo run; the terminal client follows it, lists
-it and downloads its adapter (sha256-verified)."""
+it and downloads its adapter (sha256-verified); an upload becomes ready while a run trains."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -57,6 +58,27 @@ def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
         assert download.returncode == 0, download.stdout + download.stderr
         assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == sorted(
             f["path"] for f in adapter["files"])
+
+        # The one worker has a second pool process: a dataset is validated while a run trains.
+        demo_dataset = run["spec"]["stages"][0]["datasets"][0]["id"]
+        long_spec = {"name": "long", "base_model": "tiny-llama", "checkpoint_every_steps": 1000,
+                     "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                     "stages": [{"method": "sft", "datasets": [{"id": demo_dataset}], "max_steps": 5000,
+                                 "batch_size": 4, "max_seq_len": 64}]}
+        long_run = api.post("/v1/runs", json=long_spec).json()["id"]
+        wait_for(lambda: api.get(f"/v1/runs/{long_run}").json()["stages"][0]["step"] > 0, 120,
+                 "the long run to train")
+        records = "".join(json.dumps({"prompt": f"{i}?", "completion": f" {i}."}) + "\n" for i in range(20))
+        uploaded = api.post("/v1/datasets", content=records.encode(), params={"format": "sft"},
+                            headers={"Content-Type": "application/jsonl"}).json()
+        ready = wait_for(lambda: (d := api.get(f"/v1/datasets/{uploaded['id']}").json())["status"]
+                         != "validating" and d, 60, "the upload to be validated while a run trains")
+        assert ready["status"] == "ready" and ready["num_records"] == 20
+        training = api.get(f"/v1/runs/{long_run}").json()
+        assert training["status"] == "running" and training["stages"][0]["step"] < 5000
+        api.post(f"/v1/runs/{long_run}/cancel")
+        wait_for(lambda: api.get(f"/v1/runs/{long_run}").json()["status"] == "cancelled", 60,
+                 "the long run to cancel")
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         try:
