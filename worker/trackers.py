@@ -3,12 +3,14 @@
 A tracker is a side channel: one that cannot be imported, started or written to is logged once
 and switched off, and the run carries on. The database stays the record; trackers get copies.
 Both work without a server: W&B in `offline` mode writes under the run's work folder
-(`wandb sync` uploads it later); MLflow without a `tracking_uri` writes a local file store there.
+(`wandb sync` uploads it later); MLflow without a `tracking_uri` writes a local SQLite store there
+(`mlflow.db`, artifacts beside it) — MLflow 3 refuses its old `./mlruns` file store by default.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,9 @@ from trainer_core.config import MlflowIntegration, RunSpec, WandbIntegration
 from trainer_core.reporting import CheckpointInfo, Reporter
 
 log = logging.getLogger("tuneyard.worker.trackers")
+
+# MLflow rejects metric keys with other characters (and a rejected batch would switch it off).
+_MLFLOW_UNSAFE = re.compile(r"[^\w\-. /]")
 
 
 class Tracker(Protocol):
@@ -60,11 +65,18 @@ class MlflowTracker:
     def __init__(self, config: MlflowIntegration, run_id: str, spec: RunSpec, folder: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = config.tracking_uri or folder.resolve().as_uri()
+        local = config.tracking_uri is None
+        if local:
+            folder.mkdir(parents=True, exist_ok=True)
+        uri = config.tracking_uri or f"sqlite:///{folder.resolve() / 'mlflow.db'}"
         self._client = MlflowClient(tracking_uri=uri)
         experiment = self._client.get_experiment_by_name(config.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self._client.create_experiment(config.experiment))
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            # A local store keeps artifacts beside it (MLflow's default is ./mlartifacts in the cwd).
+            artifacts = (folder / "artifacts").resolve().as_uri() if local else None
+            experiment_id = self._client.create_experiment(config.experiment, artifact_location=artifacts)
         # A later attempt of the same Tuneyard run continues the MLflow run tagged with its id.
         found = self._client.search_runs([experiment_id], filter_string=f"tags.tuneyard_run_id = '{run_id}'",
                                          max_results=1)
@@ -80,7 +92,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = _millis()
-        metrics = [Metric(f"stage{stage_index}/{split}/{k}", float(v), now, step) for k, v in values.items()]
+        metrics = [Metric(_MLFLOW_UNSAFE.sub("_", f"stage{stage_index}/{split}/{k}"), float(v), now, step)
+                   for k, v in values.items()]
         self._client.log_batch(self._run_id, metrics=metrics)
 
     def close(self, status: str) -> None:
@@ -160,7 +173,7 @@ def open_trackers(spec: RunSpec, run_id: str, work_dir: Path, reporter: Reporter
         tracker = _start("wandb", lambda: WandbTracker(wandb_config, run_id, spec, folder), reporter)
         trackers += [tracker] if tracker else []
     if (mlflow_config := integrations.mlflow) is not None:
-        store = work_dir / "mlruns"
+        store = work_dir / "mlflow"
         tracker = _start("mlflow", lambda: MlflowTracker(mlflow_config, run_id, spec, store), reporter)
         trackers += [tracker] if tracker else []
     mirrored = MirroredReporter(reporter, trackers)
