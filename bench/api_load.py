@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import psutil
 from common import REPO_ROOT, free_port, fresh_database, header, median, wait_for_port
 from sqlalchemy.orm import sessionmaker
 
@@ -248,7 +249,7 @@ def _wrk_ms(text: str, label: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-IDLE_LEAVES = ("Condition.wait", "Queue.get", "Event.wait", "select", "epoll")
+IDLE_LEAVES = ("Condition.wait", "Queue.get", "Event.wait", "select", "epoll", "Connection.wait", "wait_c")
 
 
 def profile_api(pid: int, port: int, path: str, auth: str, args: argparse.Namespace, out: Path) -> list[str]:
@@ -334,12 +335,18 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):
                 for target in targets:
                     port, path = urls[target]
-                    results[target].append(load(port, path, auth, args))
+                    server = psutil.Process(next(s.process.pid for s in services.values() if s.port == port))
+                    cpu_before = sum(server.cpu_times()[:2])
+                    r = load(port, path, auth, args)
+                    # Server CPU per request: steadier than req/s when neighbours take the cores.
+                    cpu = sum(server.cpu_times()[:2]) - cpu_before
+                    r["cpu_ms"] = 1000 * cpu / max(r["req_per_s"] * (args.warmup + args.duration), 1)
                     drain(port, path, auth)
-                    r = results[target][-1]
+                    results[target].append(r)
                     print(
                         f"  {target:<13} {r['req_per_s']:>8.0f} req/s  p50 {r['p50_ms']:>7.1f} ms  "
-                        f"p99 {r['p99_ms']:>7.1f} ms  errors {r['errors']}  timeouts {r['timeouts']}"
+                        f"p99 {r['p99_ms']:>7.1f} ms  server CPU {r['cpu_ms']:>6.2f} ms/req  "
+                        f"errors {r['errors']}  timeouts {r['timeouts']}"
                         + ("  <- STALLED: no response within the window" if r["req_per_s"] == 0 else ""),
                         flush=True,
                     )
@@ -360,12 +367,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(results: dict[str, list[dict]]) -> None:
     summary = {
-        t: {k: median([r[k] for r in rs]) for k in ("req_per_s", "p50_ms", "p99_ms")}
+        t: {k: median([r[k] for r in rs]) for k in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms")}
         for t, rs in results.items()
     }
     print(
         f"\n{'target':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs ceiling':>12}{'p99 vs ceiling':>16}"
-        "  (medians)"
+        f"{'CPU ms/req':>12}  (medians)"
     )
     ceiling = summary.get("ceiling")
     for target, s in summary.items():
@@ -373,6 +380,7 @@ def report(results: dict[str, list[dict]]) -> None:
         p99 = s["p99_ms"] / ceiling["p99_ms"] if ceiling else float("nan")
         print(
             f"{target:<14}{s['req_per_s']:>9.0f}{s['p50_ms']:>9.1f}{s['p99_ms']:>9.1f}{share:>12.0%}{p99:>15.2f}x"
+            f"{s['cpu_ms']:>12.2f}"
         )
     if not ceiling:
         return
