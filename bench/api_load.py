@@ -137,7 +137,19 @@ def seed(database_url: str) -> tuple[str, str]:
     return key, run.id
 
 
-def start_services(database_url: str, data_dir: Path) -> dict[str, Service]:
+SERVICE_OF = {
+    "ceiling": "ceiling",
+    "one_query": "ceiling",
+    "run": "api",
+    "metrics": "api",
+    "metrics_full": "api",
+    "run_fix": "api_fix",
+    "metrics_fix": "api_fix",
+}
+
+
+def start_services(database_url: str, data_dir: Path, names: set[str]) -> dict[str, Service]:
+    """Starts the named services (api, ceiling, api_fix) and returns them once each accepts connections."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
     env.update(
         TUNEYARD_DATABASE_URL=database_url,
@@ -154,6 +166,8 @@ def start_services(database_url: str, data_dir: Path) -> dict[str, Service]:
     log = open(data_dir / "services.log", "ab")  # noqa: SIM115 - closed with the processes
     services = {}
     for name, command in commands.items():
+        if name not in names:
+            continue
         port = free_port()
         process = subprocess.Popen(
             [*command, "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
@@ -176,14 +190,15 @@ def stop(process: subprocess.Popen) -> None:
 
 def target_urls(services: dict[str, Service], run_id: str) -> dict[str, tuple[int, str]]:
     metrics = f"/v1/runs/{run_id}/metrics"
+    ports = {name: services[name].port if name in services else 0 for name in ("ceiling", "api", "api_fix")}
     return {
-        "ceiling": (services["ceiling"].port, "/v1/constant"),
-        "one_query": (services["ceiling"].port, f"/v1/one_query/{run_id}"),
-        "run": (services["api"].port, f"/v1/runs/{run_id}"),
-        "metrics": (services["api"].port, f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
-        "metrics_full": (services["api"].port, metrics),
-        "run_fix": (services["api_fix"].port, f"/v1/runs/{run_id}"),
-        "metrics_fix": (services["api_fix"].port, f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
+        "ceiling": (ports["ceiling"], "/v1/constant"),
+        "one_query": (ports["ceiling"], f"/v1/one_query/{run_id}"),
+        "run": (ports["api"], f"/v1/runs/{run_id}"),
+        "metrics": (ports["api"], f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
+        "metrics_full": (ports["api"], metrics),
+        "run_fix": (ports["api_fix"], f"/v1/runs/{run_id}"),
+        "metrics_fix": (ports["api_fix"], f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
     }
 
 
@@ -316,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.connections, args.warmup, args.duration, args.rounds = 4, 0.2, 0.5, 1
+        args.targets = "ceiling,run,metrics" if args.targets == ",".join(TARGETS) else args.targets
     if args.tool == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk), or use --tool python")
     targets = [t for t in args.targets.split(",") if t]
@@ -327,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         key, run_id = seed(url)
         auth = f"Bearer {key}"
-        services = start_services(url, Path(tmp))
+        services = start_services(url, Path(tmp), {SERVICE_OF[t] for t in targets})
         try:
             urls = target_urls(services, run_id)
             check_targets({t: urls[t] for t in targets}, auth)

@@ -194,12 +194,14 @@ def start_service(url: str, data_dir: Path) -> tuple[subprocess.Popen, subproces
     return api, worker, port, key
 
 
-def service_round(path: Path, size: int, port: int, key: str, api_pid: int, worker_pid: int) -> dict:
+def service_round(
+    path: Path, size: int, port: int, key: str, api_pid: int, worker_pid: int, settle: float
+) -> dict:
     import httpx
 
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     httpx.get(f"{base}/v1/datasets", headers=headers, timeout=30).raise_for_status()
-    time.sleep(1.0)  # let the worker settle (its pool child is forked fresh per task)
+    time.sleep(settle)  # let the worker settle (its pool child is forked fresh per task)
     reset_peaks(api_pid)
     reset_peaks(worker_pid)
     samplers = {"api": RssSampler(api_pid), "worker": RssSampler(worker_pid)}
@@ -262,16 +264,16 @@ def library_bench(path: Path, size: int, rounds: int) -> None:
     )
 
 
-def service_bench(path: Path, size: int, rounds: int) -> None:
+def service_bench(path: Path, size: int, rounds: int, settle: float) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="tuneyard-bench-") as tmp,
         fresh_database(f"tuneyard_bench_upload_{os.getpid()}") as url,
     ):
         api, worker, port, key = start_service(url, Path(tmp))
         try:
-            time.sleep(3.0)  # the worker connects to the broker
+            time.sleep(3 * settle)  # the worker connects to the broker
             for _ in range(rounds):
-                r = service_round(path, size, port, key, api.pid, worker.pid)
+                r = service_round(path, size, port, key, api.pid, worker.pid, settle)
                 print(
                     f"  upload {size / MB / r['upload_s']:.1f} MB/s ({r['upload_s']:.1f}s), validation "
                     f"{size / MB / r['validate_s']:.1f} MB/s ({r['validate_s']:.1f}s) -> {r['status']}, "
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             library_bench(path, size, args.rounds)
         if not args.skip_service:
             print("service (tuneyard api + tuneyard worker -Q cpu, PostgreSQL, Redis):")
-            service_bench(path, size, args.rounds)
+            service_bench(path, size, args.rounds, settle=0.0 if args.smoke else 1.0)
     print(f"finished: {header('end').splitlines()[1]}")
 
 
