@@ -1,7 +1,7 @@
 """Command line: run a spec locally, or build the tiny demo model.
 
     python -m trainer_core run SPEC.json --out DIR [--data ID=PATH ...] [--models-dir DIR] [--device auto]
-    python -m trainer_core init-tiny DIR
+    python -m trainer_core init-tiny DIR [--teacher-of STUDENT_DIR]
 
 The first Ctrl-C asks the run to stop cooperatively (it saves a checkpoint); running the same
 command again resumes from it.
@@ -120,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="auto")
     tiny = commands.add_parser("init-tiny", help="write the tiny random model used by tests and demos")
     tiny.add_argument("dir")
+    tiny.add_argument("--teacher-of", metavar="STUDENT_DIR",
+                      help="write a larger distillation teacher sharing this tiny model's tokenizer")
     args = parser.parse_args(argv)
     if args.command == "init-tiny":
-        from trainer_core.tiny import build_tiny_model
+        from trainer_core.tiny import build_tiny_model, build_tiny_teacher
 
-        print(build_tiny_model(Path(args.dir)))
+        if args.teacher_of:
+            print(build_tiny_teacher(Path(args.dir), tokenizer_dir=Path(args.teacher_of)))
+        else:
+            print(build_tiny_model(Path(args.dir)))
         return 0
     return _run(args)
 

@@ -1,7 +1,7 @@
 """Reward functions for PPO and GRPO, by name, combinable with weights. Pure python (no torch).
 
 Every reward function is ``fn(completion: str, answer: str | None, **params) -> float``. Names and
-parameter names match the reward specs in ``trainer_core.config``:
+parameter names match the reward specs in ``trainer_core.reward_config``:
 
 - ``exact_match``: 1.0 when the extracted final answer equals the reference after normalisation.
 - ``numeric_match(tolerance=1e-6)``: 1.0 when the last number of the extracted answer is within
