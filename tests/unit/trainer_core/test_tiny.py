@@ -42,3 +42,14 @@ def test_teacher_shares_tokenizer_but_not_weights(tiny_model_dir: Path, tiny_tea
     assert teacher_vocab == (tiny_model_dir / "tokenizer.json").read_bytes()
     config = json.loads((tiny_teacher_dir / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"]) == (96, 3)
+
+
+def test_cli_builds_a_teacher_sharing_the_students_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from trainer_core.__main__ import main
+
+    assert main(["init-tiny", str(tmp_path / "teacher"), "--teacher-of", str(tiny_model_dir)]) == 0
+    teacher = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    student = json.loads((tiny_model_dir / "config.json").read_text())
+    assert teacher["hidden_size"] != student["hidden_size"]
+    tokenizer = (tmp_path / "teacher" / "tokenizer.json").read_bytes()
+    assert tokenizer == (tiny_model_dir / "tokenizer.json").read_bytes()
