@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ class IngestResult:
     points: int
     rows_found: int
     points_found: int
+    series_found: int
 
     @property
     def points_per_second(self) -> float:
@@ -144,11 +146,12 @@ def write_copy(sessions: sessionmaker[Session], team_id: str, run_id: str, batch
 
 
 def upsert_executemany(session: Session, run_id: str, points: list[MetricPoint]) -> None:
-    """The proposed fix for `upsert_metrics`: one cached upsert statement run with many parameter sets.
+    """The proposed fix for `upsert_metrics`: the same two writes as cached statements run with many rows.
 
-    `insert(Metric).values(rows)` builds a new 64-row VALUES statement per batch, which SQLAlchemy
-    compiles afresh every time (and psycopg re-parses: the text is too long for its cache);
-    `execute(statement, rows)` compiles once and lets SQLAlchemy's insertmanyvalues batch the rows.
+    `insert(Metric).values(rows)` builds a new multi-row VALUES statement per batch, which
+    SQLAlchemy compiles afresh every time (and psycopg re-parses: the text is too long for its
+    cache); `execute(statement, rows)` compiles once and lets SQLAlchemy's insertmanyvalues batch
+    the rows. Same rows, same upsert, same series-catalog insert, same transaction.
     """
     unique = {(p.stage_index, p.step, p.split): p for p in points}
     rows = [
@@ -162,21 +165,30 @@ def upsert_executemany(session: Session, run_id: str, points: list[MetricPoint])
         }
         for p in unique.values()
     ]
-    if rows:
-        session.connection().execute(_UPSERT, rows)
-
-
-def _upsert_statement() -> Any:
-    from sqlalchemy.dialects.postgresql import insert
-
-    stmt = insert(Metric.__table__)
-    return stmt.on_conflict_do_update(
-        index_elements=["run_id", "stage_index", "step", "split"],
-        set_={"values": stmt.excluded["values"], "created_at": stmt.excluded.created_at},
+    if not rows:
+        return
+    metrics_upsert, catalog_insert = _statements()
+    connection = session.connection()
+    connection.execute(metrics_upsert, rows)
+    names = sorted({(p.stage_index, p.split, name) for p in unique.values() for name in p.values})
+    connection.execute(
+        catalog_insert,
+        [{"run_id": run_id, "stage_index": i, "split": split, "name": name} for i, split, name in names],
     )
 
 
-_UPSERT = _upsert_statement()
+@cache
+def _statements() -> tuple[Any, Any]:
+    from sqlalchemy.dialects.postgresql import insert
+
+    from app.db.models import MetricSeriesName
+
+    upsert = insert(Metric.__table__)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["run_id", "stage_index", "step", "split"],
+        set_={"values": upsert.excluded["values"], "created_at": upsert.excluded.created_at},
+    )
+    return upsert, insert(MetricSeriesName.__table__).on_conflict_do_nothing()
 
 
 def write_reporter_fixed(
@@ -222,7 +234,17 @@ def run_writer(name: str, sessions: sessionmaker[Session], team_id: str, batch: 
     seconds = time.perf_counter() - start
     rows_found, points_found = count_stored(sessions, run_id)
     points = sum(len(r.values) for r in batch)
-    return IngestResult(name, seconds, len(batch), points, rows_found, points_found)
+    return IngestResult(
+        name, seconds, len(batch), points, rows_found, points_found, count_series(sessions, run_id)
+    )
+
+
+def count_series(sessions: sessionmaker[Session], run_id: str) -> int:
+    """Returns how many (stage, split, name) series the run's series catalog lists (COPY keeps none)."""
+    with sessions() as session:
+        return int(
+            session.scalar(text("SELECT count(*) FROM metric_series WHERE run_id = :r"), {"r": run_id})
+        )
 
 
 def replay_is_idempotent(sessions: sessionmaker[Session], team_id: str, batch: list[Report]) -> str:
@@ -278,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"  {name:<9} {result.points_per_second:>10,.0f} points/s  ({result.rows:,} rows, "
                     f"{result.points:,} points in {result.seconds:.2f}s; stored {result.rows_found:,} rows, "
-                    f"{result.points_found:,} points)",
+                    f"{result.points_found:,} points, {result.series_found} series in the catalog)",
                     flush=True,
                 )
         idempotency = replay_is_idempotent(sessions, team.id, full[: max(10, len(full) // 4)])
