@@ -34,12 +34,15 @@ def broker_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem"):
         queue_dir = settings.broker_dir / "queue"
         processed = settings.broker_dir / "processed"
-        for folder in (queue_dir, processed):
+        # Exchange bindings; kombu's default is ./control in the process's working directory.
+        control = settings.broker_dir / "control"
+        for folder in (queue_dir, processed, control):
             folder.mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
             "processed_folder": str(processed),
+            "control_folder": str(control),
             "store_processed": False,
         }
     return {
