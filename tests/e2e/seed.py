@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Dataset, Eval, Event, Metric, Run, RunStage
+from app.db.models import Dataset, Eval, Event, Run, RunStage
 from app.ids import new_id
+from app.services.metrics import MetricPoint, upsert_metrics
 
 SFT_SPEC = {
     "name": "seeded",
@@ -35,14 +36,16 @@ def seed_running_run(sessions: sessionmaker[Session], team_id: str, name: str, t
 
 def add_train_steps(sessions: sessionmaker[Session], run_id: str, first: int, last: int) -> None:
     """Writes train metric rows for steps first..last (a decaying loss) and moves the stage's step."""
+    now = datetime.now(UTC)
+    points = []
+    for step in range(first, last + 1):
+        points.append(MetricPoint(0, step, "train", {"loss": 3.0 * math.exp(-step / 60) + 0.5, "lr": 2e-4,
+                                                     "grad_norm": 1.0}, now))
+        if step % 10 == 0:
+            points.append(MetricPoint(0, step, "eval", {"loss": 3.2 * math.exp(-step / 70) + 0.6}, now))
     with sessions() as session:
-        for step in range(first, last + 1):
-            session.add(Metric(run_id=run_id, stage_index=0, step=step, split="train",
-                               values={"loss": 3.0 * math.exp(-step / 60) + 0.5, "lr": 2e-4,
-                                       "grad_norm": 1.0}))
-            if step % 10 == 0:
-                session.add(Metric(run_id=run_id, stage_index=0, step=step, split="eval",
-                                   values={"loss": 3.2 * math.exp(-step / 70) + 0.6}))
+        # Through the service's upsert, as the worker's reporter writes them (it keeps the series catalog).
+        upsert_metrics(session, run_id, points)
         stage = session.get(RunStage, (run_id, 0))
         stage.step = last
         session.commit()

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
 
 STEPS = 40
 KILL_STEPS = 300  # a tiny-model step takes ~20 ms: enough of them to kill between checkpoints
+CANCEL_STEPS = 300  # long enough that an idle machine cannot finish before the cancel lands
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
                "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
                "--logfile", "/var/log/redis/ci.log"]
@@ -140,7 +141,7 @@ def test_cancel_mid_run_then_resume(stack: Stack) -> None:
     stack.start_worker()
     client = stack.client()
     dataset = upload(client, SFT_RECORDS, "sft")
-    run_id = client.post("/v1/runs", json=sft_spec(dataset, STEPS, every=5)).json()["id"]
+    run_id = client.post("/v1/runs", json=sft_spec(dataset, CANCEL_STEPS, every=50)).json()["id"]
     wait_for(lambda: _step(client, run_id) >= 8, 120, "eight steps", every=0.05)
     asked = time.monotonic()
     assert client.post(f"/v1/runs/{run_id}/cancel").json()["status"] == "cancelling"
@@ -148,7 +149,7 @@ def test_cancel_mid_run_then_resume(stack: Stack) -> None:
     latency = time.monotonic() - asked
     assert run["status"] == "cancelled" and latency < 5.0, (run["status"], latency)
     stopped_at = run["stages"][0]["step"]
-    assert run["stages"][0]["status"] == "cancelled" and stopped_at < STEPS
+    assert run["stages"][0]["status"] == "cancelled" and stopped_at < CANCEL_STEPS
     assert max(_resume_checkpoints(client, run_id)) == stopped_at  # saved on the way out
 
     resumed = client.post(f"/v1/runs/{run_id}/resume")
@@ -158,6 +159,6 @@ def test_cancel_mid_run_then_resume(stack: Stack) -> None:
     resume_event = next(e for e in events(client, run_id) if e["kind"] == "resumed")
     assert resume_event["data"]["step"] == stopped_at
     assert resume_event["message"].endswith("after a resume request")
-    assert train_steps(client, run_id) == list(range(1, STEPS + 1))
+    assert train_steps(client, run_id) == list(range(1, CANCEL_STEPS + 1))
     assert client.post(f"/v1/runs/{run_id}/resume").status_code == 409
-    print(f"\ncancel latency {latency:.2f}s; stopped at step {stopped_at}; resumed to {STEPS}")
+    print(f"\ncancel latency {latency:.2f}s; stopped at step {stopped_at}; resumed to {CANCEL_STEPS}")
