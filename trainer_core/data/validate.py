@@ -273,12 +273,12 @@ def validate_jsonl(
                 rec = parse_record(obj, report.format)
             except RecordError as exc:
                 report.num_errors += 1
+                for path, message in exc.errors:
+                    fail(number, message, path)
+                # The field errors say what is wrong; this says why the line may be in the wrong file.
                 looks_like = detect_format(obj)
                 if looks_like not in (None, report.format):
                     fail(number, f"looks like a `{looks_like}` record, but the dataset is `{report.format}`")
-                    continue
-                for path, message in exc.errors:
-                    fail(number, message, path)
                 continue
             stats.add(rec)
         report.num_records += 1
