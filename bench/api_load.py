@@ -14,9 +14,9 @@ by round, each with the same connections, warm-up and duration:
 - run           GET /v1/runs/{id}                         (what a dashboard polls for status)
 - metrics       GET /v1/runs/{id}/metrics?after_step=N    (a chart polling for its newest points)
 - metrics_full  GET /v1/runs/{id}/metrics                 (a chart's first load: 13 series, ≤1000 points)
-- run_fix, metrics_fix: run and metrics against bench/api_pool_fix.py — the same API with one
-                change, a DB pool larger than the request thread pool (the proposed fix for the stall
-                that 100 connections cause; see that file)
+- run_fix, metrics_fix: run and metrics against bench/api_pool_fix.py — the same API with the
+                proposed fix for the stall that 100 connections cause (auth hands its connection
+                back before the next thread hop; pool larger than the thread pool; see that file)
 Prints req/s, p50 and p99 of each, and the ratios to the ceiling. `--profile` also samples the API
 process with py-spy under the run and metrics loads and prints the hottest frames.
 """
@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                     r = load(port, path, auth, args)
                     # Server CPU per request: steadier than req/s when neighbours take the cores.
                     cpu = sum(server.cpu_times()[:2]) - cpu_before
-                    r["cpu_ms"] = 1000 * cpu / max(r["req_per_s"] * (args.warmup + args.duration), 1)
+                    answered = r["req_per_s"] * (args.warmup + args.duration)
+                    r["cpu_ms"] = 1000 * cpu / answered if answered else float("nan")
                     drain(port, path, auth)
                     results[target].append(r)
                     print(
@@ -367,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
             report(results)
+            if any(r["req_per_s"] == 0 for rs in results.values() for r in rs):
+                log_tail = (Path(tmp) / "services.log").read_text(errors="replace").splitlines()[-25:]
+                print("\na target stalled; the services' log ends with:\n  " + "\n  ".join(log_tail))
             if args.profile:
                 for target in ("run", "metrics"):
                     port, path = urls[target]
