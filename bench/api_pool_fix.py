@@ -9,7 +9,9 @@ request in flight past authentication holds a connection while it waits for a th
 concurrent requests than pooled connections (10 + 10 overflow), all 40 threads end up parked in
 the pool's checkout while the connection holders wait for a thread, until the 30 s pool timeout.
 
-The fix, two changes:
+Two changes (enough for run status; the metrics route still stalls — for sync routes FastAPI
+validates the response in one more threadpool hop while the session still holds its connection;
+see bench/README.md, finding 1):
 1. authentication ends its transaction (`commit`: read-only, and `expire_on_commit=False` keeps
    the team loaded), so the connection goes back to the pool before the request waits for its
    next thread: connections in use <= threads running;
