@@ -51,7 +51,8 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     uvicorn.run("app.main:build_app", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, log_config=None, access_log=False)
+                port=args.port or settings.port, log_config=None, access_log=False,
+                limit_concurrency=settings.api_max_concurrency)
     return 0
 
 

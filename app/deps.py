@@ -50,8 +50,13 @@ def get_current_team(
 ) -> Team:
     """Returns the team of the Bearer key (or the default team when auth is switched off)."""
     if not settings.auth_enabled:
-        return auth.get_or_create_team(session, auth.DEFAULT_TEAM)
-    return auth.team_for_key(session, credentials.credentials if credentials else None)
+        team = auth.get_or_create_team(session, auth.DEFAULT_TEAM)
+    else:
+        team = auth.team_for_key(session, credentials.credentials if credentials else None)
+    # Ending the transaction returns the connection to the pool before the handler's own thread
+    # hop: a request must never hold a connection while it waits for a thread (see app.main).
+    session.commit()
+    return team
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]

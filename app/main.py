@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import APIRouter, FastAPI
 from starlette.types import Scope
 
@@ -35,6 +36,8 @@ ROUTERS: list[APIRouter] = [
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}
+# Threads beyond the admitted requests: SSE polls, in-process inference and the server itself.
+API_SPARE_THREADS = 40
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,6 +46,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync handlers and dependencies each take a worker thread, one hop at a time, and a request's
+        # session may hold a pooled connection between hops. With fewer threads than requests in
+        # flight, every thread can end up waiting for a connection whose holder waits for a thread
+        # (the API stalled at 100 connections). More threads than admitted requests (uvicorn's
+        # limit_concurrency) means a hop never waits for a thread, so connection holders progress.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = (
+            settings.api_max_concurrency + API_SPARE_THREADS
+        )
         if not settings.auth_enabled:
             log.warning("authentication is OFF (TUNEYARD_AUTH_ENABLED=false): every request acts as "
                         "the team %r; never expose this server", "default")

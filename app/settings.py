@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     inference_backend: str = Field("local", pattern="^(local|sglang)$")
     sglang_url: str | None = None
     inference_cache_bytes: int = Field(2 * 1024**3, ge=0)
+    api_max_concurrency: int = Field(
+        200, ge=1, description="connections the API serves at once; more get 503 (uvicorn limit_concurrency)"
+    )
     log_json: bool = False
 
     @field_validator("data_dir", "storage_dir", "base_models_dir")

@@ -14,9 +14,6 @@ by round, each with the same connections, warm-up and duration:
 - run           GET /v1/runs/{id}                         (what a dashboard polls for status)
 - metrics       GET /v1/runs/{id}/metrics?after_step=N    (a chart polling for its newest points)
 - metrics_full  GET /v1/runs/{id}/metrics                 (a chart's first load: 13 series, ≤1000 points)
-- run_fix, metrics_fix: run and metrics against bench/api_pool_fix.py — the same API with the
-                proposed fix for the stall that 100 connections cause (auth hands its connection
-                back before the next thread hop; pool larger than the thread pool; see that file)
 Prints req/s, p50 and p99 of each, and the ratios to the ceiling. `--profile` also samples the API
 process with py-spy under the run and metrics loads and prints the hottest frames.
 """
@@ -42,7 +39,7 @@ from common import REPO_ROOT, free_port, fresh_database, header, median, wait_fo
 from sqlalchemy.orm import sessionmaker
 
 BENCH = Path(__file__).resolve().parent
-TARGETS = ["ceiling", "one_query", "run", "metrics", "metrics_full", "run_fix", "metrics_fix"]
+TARGETS = ["ceiling", "one_query", "run", "metrics", "metrics_full"]
 RUN_SHARE, RUN_P99, METRICS_SHARE = 0.60, 1.5, 0.30
 TRAIN_STEPS, POLL_WINDOW = 2_000, 20
 
@@ -143,13 +140,11 @@ SERVICE_OF = {
     "run": "api",
     "metrics": "api",
     "metrics_full": "api",
-    "run_fix": "api_fix",
-    "metrics_fix": "api_fix",
 }
 
 
 def start_services(database_url: str, data_dir: Path, names: set[str]) -> dict[str, Service]:
-    """Starts the named services (api, ceiling, api_fix) and returns them once each accepts connections."""
+    """Starts the named services (api, ceiling) and returns them once each accepts connections."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
     env.update(
         TUNEYARD_DATABASE_URL=database_url,
@@ -161,7 +156,6 @@ def start_services(database_url: str, data_dir: Path, names: set[str]) -> dict[s
     commands = {
         "api": [sys.executable, "-m", "app.cli", "api"],
         "ceiling": [sys.executable, str(BENCH / "ceiling_app.py"), "--database-url", libpq_url],
-        "api_fix": [sys.executable, str(BENCH / "api_pool_fix.py")],
     }
     log = open(data_dir / "services.log", "ab")  # noqa: SIM115 - closed with the processes
     services = {}
@@ -190,15 +184,13 @@ def stop(process: subprocess.Popen) -> None:
 
 def target_urls(services: dict[str, Service], run_id: str) -> dict[str, tuple[int, str]]:
     metrics = f"/v1/runs/{run_id}/metrics"
-    ports = {name: services[name].port if name in services else 0 for name in ("ceiling", "api", "api_fix")}
+    ports = {name: services[name].port if name in services else 0 for name in ("ceiling", "api")}
     return {
         "ceiling": (ports["ceiling"], "/v1/constant"),
         "one_query": (ports["ceiling"], f"/v1/one_query/{run_id}"),
         "run": (ports["api"], f"/v1/runs/{run_id}"),
         "metrics": (ports["api"], f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
         "metrics_full": (ports["api"], metrics),
-        "run_fix": (ports["api_fix"], f"/v1/runs/{run_id}"),
-        "metrics_fix": (ports["api_fix"], f"{metrics}?after_step={TRAIN_STEPS - POLL_WINDOW}"),
     }
 
 
@@ -404,7 +396,7 @@ def report(results: dict[str, list[dict]]) -> None:
         )
     if not ceiling:
         return
-    for run_target in ("run", "run_fix"):
+    for run_target in ("run",):
         if run_target in summary:
             share = summary[run_target]["req_per_s"] / ceiling["req_per_s"]
             p99 = summary[run_target]["p99_ms"] / ceiling["p99_ms"]
@@ -413,7 +405,7 @@ def report(results: dict[str, list[dict]]) -> None:
                 f"target {run_target}: status >= {RUN_SHARE:.0%} of ceiling req/s with p99 <= {RUN_P99}x: "
                 f"{'MET' if met else 'MISSED'} ({share:.0%}, {p99:.2f}x)"
             )
-    for metrics_target in ("metrics", "metrics_fix"):
+    for metrics_target in ("metrics",):
         if metrics_target in summary:
             share = summary[metrics_target]["req_per_s"] / ceiling["req_per_s"]
             print(

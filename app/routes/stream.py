@@ -25,6 +25,7 @@ def stream(
                                                                  "set Last-Event-ID")] = None,
 ) -> StreamingResponse:
     run = get_run(session, team, run_id)
+    session.close()  # the stream polls with short sessions of its own; hold no connection while it lasts
     cursor = StreamCursor.parse(last_event_id or after)
     return StreamingResponse(stream_run(request.app.state.sessions, run.id, cursor),
                              media_type="text/event-stream",
