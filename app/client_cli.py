@@ -310,16 +310,19 @@ DEMO_RECORDS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}
                 for a in range(1, 9) for b in range(1, 5)]
 
 
+def _healthy(api: httpx.Client) -> bool:
+    """Returns whether the API answers /healthz (a refused connection means: not up yet)."""
+    try:
+        return api.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def run_demo(url: str, key: str | None, base_model: str, wait_seconds: float = 120) -> str | None:
     """Returns the id of a short demo SFT run submitted to a starting server (None if it is not up)."""
     api = client(url, key)
     deadline = time.monotonic() + wait_seconds
-    while True:
-        try:
-            if api.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+    while not _healthy(api):
         if time.monotonic() > deadline:
             print("demo: the API did not come up; no demo run submitted", file=sys.stderr)
             return None

@@ -18,6 +18,7 @@ MB = 10^6 bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -144,10 +145,8 @@ class RssSampler(threading.Thread):
 def reset_peaks(pid: int) -> None:
     """Resets VmHWM to the current RSS for a process tree (Linux >= 4.0); ignored where refused."""
     for each in tree_pids(pid):
-        try:
+        with contextlib.suppress(OSError):  # the process may have exited since it was listed
             Path(f"/proc/{each}/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 def hwm_kib(pid: int) -> int:
