@@ -90,11 +90,11 @@ def test_message_delivered_twice_trains_once(stack: Stack) -> None:
 def _lose_queued_messages(stack: Stack) -> None:
     """Makes the broker forget its queue the way a restart without persistence does.
 
-    With TUNEYARD_IT_RESTART_REDIS=1 Redis is really restarted (this disturbs other suites using
-    the same server); by default only this suite's database is flushed and its clients are
-    disconnected, which is what a restart does to this suite.
+    By default Redis is really restarted (the server keeps nothing on disk, so the queue is gone).
+    On a Redis shared with other test runs, TUNEYARD_IT_SHARED_REDIS=1 only flushes this suite's
+    database and disconnects its clients, which is what a restart does to this suite.
     """
-    if os.environ.get("TUNEYARD_IT_RESTART_REDIS") == "1":
+    if os.environ.get("TUNEYARD_IT_SHARED_REDIS") != "1":
         subprocess.run(["redis-cli", "shutdown", "nosave"], check=False, timeout=10)
         subprocess.run(REDIS_START, check=True, timeout=10)
         wait_for(lambda: _ping(stack.redis_url), 10, "redis to come back")
