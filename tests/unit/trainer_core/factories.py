@@ -17,6 +17,13 @@ from trainer_core.config import RunSpec
 # barely move its logits unless lm_head carries a LoRA too.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
+# The rollout methods' toy task, one a random tiny model can learn in a few steps: answer with a
+# token that starts with a vowel (about 14% of the tiny vocabulary does, so the first groups already
+# have reward variance; exact_match would start near 1/512 and give no signal).
+VOWEL_FIRST_REWARD = {"type": "regex", "pattern": "^[aeiou]"}
+VOWEL_PROMPTS = [{"prompt": f"Say a word that starts with a vowel ({i}):", "answer": None} for i in range(8)]
+ROLLOUT_TARGETS = ["q_proj", "v_proj", "up_proj", "lm_head"]
+
 DATASET_FORMATS = {
     "ds_sft": "sft", "ds_pref": "preference", "ds_prompts": "prompts", "ds_traj": "trajectories",
 }

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.trainer_core.factories import ROLLOUT_TARGETS, VOWEL_FIRST_REWARD, VOWEL_PROMPTS
 from trainer_core.config import GRPOStage, LoraAdapter, PromptCurriculum
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
@@ -13,18 +14,13 @@ from trainer_core.modeling import ReferencePolicy, load_policy, load_tokenizer, 
 from trainer_core.reporting import RecordingReporter
 
 CPU = torch.device("cpu")
-# LoRA on lm_head too: a random tiny model's RMS-normed features barely move its logits otherwise.
-ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "lm_head"])
-# Toy task a random tiny model can learn in a few steps: answer with a token that starts with a
-# vowel (about 14% of the tiny vocabulary does, so the first groups already have reward variance).
-VOWEL_FIRST = {"type": "regex", "pattern": "^[aeiou]"}
-PROMPTS = [{"prompt": f"Say a word that starts with a vowel ({i}):", "answer": None} for i in range(8)]
+ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
 
 
 def _stage(**overrides: object) -> GRPOStage:
     fields: dict = {
         "method": "grpo", "datasets": [{"id": "ds_prompts"}], "max_steps": 16, "learning_rate": 5e-2,
-        "batch_size": 16, "num_generations": 8, "max_new_tokens": 1, "reward": VOWEL_FIRST,
+        "batch_size": 16, "num_generations": 8, "max_new_tokens": 1, "reward": VOWEL_FIRST_REWARD,
         "lr_scheduler": "constant", "beta": 0.02, "max_seq_len": 64,
     }
     return GRPOStage.model_validate(fields | overrides)
@@ -54,7 +50,7 @@ def _train(
 
 def test_grpo_doubles_the_reward_on_a_toy_task(tmp_path: Path, tiny_model_dir: Path) -> None:
     reporter = RecordingReporter()
-    _train(tmp_path, tiny_model_dir, _stage(), PROMPTS, reporter)
+    _train(tmp_path, tiny_model_dir, _stage(), VOWEL_PROMPTS, reporter)
     rewards = reporter.train_series("reward")
     start, end = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     print(f"GRPO reward {start:.3f} -> {end:.3f}")
@@ -68,7 +64,7 @@ def test_grpo_doubles_the_reward_on_a_toy_task(tmp_path: Path, tiny_model_dir: P
 
 def test_grpo_resume_mid_stage_repeats_the_same_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
     stage = _stage(max_steps=6, loss_aggregation="dapo", curriculum=PromptCurriculum(window=4, threshold=0.1))
-    records = [{**record, "difficulty": i % 2} for i, record in enumerate(PROMPTS)]
+    records = [{**record, "difficulty": i % 2} for i, record in enumerate(VOWEL_PROMPTS)]
     straight = RecordingReporter()
     _train(tmp_path / "a", tiny_model_dir, stage, records, straight)
     stopped = RecordingReporter(stop_after_steps=4)

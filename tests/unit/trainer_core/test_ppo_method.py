@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.trainer_core.factories import ROLLOUT_TARGETS, VOWEL_FIRST_REWARD, VOWEL_PROMPTS
 from trainer_core.config import LoraAdapter, PPOStage
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
@@ -13,18 +14,14 @@ from trainer_core.modeling import ReferencePolicy, load_policy, load_tokenizer, 
 from trainer_core.reporting import RecordingReporter
 
 CPU = torch.device("cpu")
-# LoRA on lm_head too: a random tiny model's RMS-normed features barely move its logits otherwise.
-ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "lm_head"])
-# Toy task: answer with a token that starts with a vowel (about 14% of the tiny vocabulary).
-VOWEL_FIRST = {"type": "regex", "pattern": "^[aeiou]"}
-PROMPTS = [{"prompt": f"Say a word that starts with a vowel ({i}):", "answer": None} for i in range(8)]
+ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
 
 
 def _stage(**overrides: object) -> PPOStage:
     fields: dict = {
         "method": "ppo", "datasets": [{"id": "ds_prompts"}], "max_steps": 12, "learning_rate": 5e-2,
         "batch_size": 16, "gradient_accumulation": 2, "ppo_epochs": 2, "max_new_tokens": 1,
-        "reward": VOWEL_FIRST, "lr_scheduler": "constant", "max_seq_len": 64,
+        "reward": VOWEL_FIRST_REWARD, "lr_scheduler": "constant", "max_seq_len": 64,
     }
     return PPOStage.model_validate(fields | overrides)
 
@@ -40,7 +37,7 @@ def _train(
         save_policy_weights(load_policy(model_dir, ADAPTER, CPU), start)
     model = load_policy(model_dir, ADAPTER, CPU, start_dir=start)
     ctx = StageContext(
-        stage=stage, stage_index=1, seed=5, adapter=ADAPTER, tokenizer=tokenizer, train_records=PROMPTS,
+        stage=stage, stage_index=1, seed=5, adapter=ADAPTER, tokenizer=tokenizer, train_records=VOWEL_PROMPTS,
         eval_records=[], device=CPU, work_dir=tmp_path, reference=ReferencePolicy(start, ADAPTER, CPU),
     )
     train_stage(
