@@ -11,7 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from trainer_core.config import RunSpec
+import torch
+
+from trainer_core.config import LoraAdapter, RunSpec
+from trainer_core.loop import CheckpointPolicy, train_stage
+from trainer_core.methods import build_method
+from trainer_core.methods.base import StageContext
+from trainer_core.modeling import ReferencePolicy, load_policy, load_tokenizer, save_policy_weights
 
 # A test choice, not the product default ("all-linear"): a random tiny model's RMS-normed features
 # barely move its logits unless lm_head carries a LoRA too.
@@ -104,3 +110,29 @@ def dpo_stage(**fields: Any) -> dict[str, Any]:
 def two_stage_spec(dropout: float = 0.0, **overrides: Any) -> RunSpec:
     """Returns an SFT (6 steps) → DPO (4 steps) spec on the tiny model."""
     return run_spec([sft_stage(), dpo_stage()], dropout=dropout, **overrides)
+
+
+def train_rollout_stage(
+    work_dir: Path, model_dir: Path, stage: Any, records: list[dict], reporter: Any, *,
+    stage_index: int, seed: int, eval_records: list[dict], checkpoint_every: int,
+    resume_from: Path | None = None,
+) -> None:
+    """Trains one GRPO/PPO stage on the toy task's LoRA from a fixed start (resumable)."""
+    cpu = torch.device("cpu")
+    adapter = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    start = work_dir / "start"
+    if not start.exists():
+        save_policy_weights(load_policy(model_dir, adapter, cpu), start)
+    model = load_policy(model_dir, adapter, cpu, start_dir=start)
+    ctx = StageContext(
+        stage=stage, stage_index=stage_index, seed=seed, adapter=adapter, tokenizer=tokenizer,
+        train_records=records, eval_records=eval_records, device=cpu, work_dir=work_dir,
+        reference=ReferencePolicy(start, adapter, cpu),
+    )
+    train_stage(
+        model, build_method(ctx), stage, stage_index=stage_index, stage_folder=work_dir / "stage",
+        tokenizer=tokenizer, checkpoints=CheckpointPolicy(every_steps=checkpoint_every, keep=10),
+        reporter=reporter, device=cpu, manifest_config={}, resume_from=resume_from,
+    )

@@ -3,18 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.unit.trainer_core.factories import ROLLOUT_TARGETS, VOWEL_FIRST_REWARD, VOWEL_PROMPTS
-from trainer_core.config import GRPOStage, LoraAdapter, PromptCurriculum
-from trainer_core.loop import CheckpointPolicy, train_stage
-from trainer_core.methods import build_method
-from trainer_core.methods.base import StageContext
-from trainer_core.modeling import ReferencePolicy, load_policy, load_tokenizer, save_policy_weights
+from tests.unit.trainer_core.factories import VOWEL_FIRST_REWARD, VOWEL_PROMPTS, train_rollout_stage
+from trainer_core.config import GRPOStage, PromptCurriculum
 from trainer_core.reporting import RecordingReporter
-
-CPU = torch.device("cpu")
-ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
 
 
 def _stage(**overrides: object) -> GRPOStage:
@@ -30,22 +22,8 @@ def _train(
     tmp_path: Path, model_dir: Path, stage: GRPOStage, records: list[dict], reporter: RecordingReporter,
     resume_from: Path | None = None,
 ) -> None:
-    tokenizer = load_tokenizer(model_dir)
-    torch.manual_seed(0)
-    start = tmp_path / "start"
-    if not start.exists():
-        save_policy_weights(load_policy(model_dir, ADAPTER, CPU), start)
-    model = load_policy(model_dir, ADAPTER, CPU, start_dir=start)
-    ctx = StageContext(
-        stage=stage, stage_index=0, seed=3, adapter=ADAPTER, tokenizer=tokenizer, train_records=records,
-        eval_records=records[:2], device=CPU, work_dir=tmp_path,
-        reference=ReferencePolicy(start, ADAPTER, CPU),
-    )
-    train_stage(
-        model, build_method(ctx), stage, stage_index=0, stage_folder=tmp_path / "stage", tokenizer=tokenizer,
-        checkpoints=CheckpointPolicy(every_steps=4, keep=10), reporter=reporter, device=CPU,
-        manifest_config={}, resume_from=resume_from,
-    )
+    train_rollout_stage(tmp_path, model_dir, stage, records, reporter, stage_index=0, seed=3,
+                        eval_records=records[:2], checkpoint_every=4, resume_from=resume_from)
 
 
 def test_grpo_doubles_the_reward_on_a_toy_task(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -3,18 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.unit.trainer_core.factories import ROLLOUT_TARGETS, VOWEL_FIRST_REWARD, VOWEL_PROMPTS
-from trainer_core.config import LoraAdapter, PPOStage
-from trainer_core.loop import CheckpointPolicy, train_stage
-from trainer_core.methods import build_method
-from trainer_core.methods.base import StageContext
-from trainer_core.modeling import ReferencePolicy, load_policy, load_tokenizer, save_policy_weights
+from tests.unit.trainer_core.factories import VOWEL_FIRST_REWARD, VOWEL_PROMPTS, train_rollout_stage
+from trainer_core.config import PPOStage
 from trainer_core.reporting import RecordingReporter
-
-CPU = torch.device("cpu")
-ADAPTER = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
 
 
 def _stage(**overrides: object) -> PPOStage:
@@ -30,21 +22,8 @@ def _train(
     tmp_path: Path, model_dir: Path, stage: PPOStage, reporter: RecordingReporter,
     resume_from: Path | None = None,
 ) -> None:
-    tokenizer = load_tokenizer(model_dir)
-    torch.manual_seed(0)
-    start = tmp_path / "start"
-    if not start.exists():
-        save_policy_weights(load_policy(model_dir, ADAPTER, CPU), start)
-    model = load_policy(model_dir, ADAPTER, CPU, start_dir=start)
-    ctx = StageContext(
-        stage=stage, stage_index=1, seed=5, adapter=ADAPTER, tokenizer=tokenizer, train_records=VOWEL_PROMPTS,
-        eval_records=[], device=CPU, work_dir=tmp_path, reference=ReferencePolicy(start, ADAPTER, CPU),
-    )
-    train_stage(
-        model, build_method(ctx), stage, stage_index=1, stage_folder=tmp_path / "stage", tokenizer=tokenizer,
-        checkpoints=CheckpointPolicy(every_steps=3, keep=10), reporter=reporter, device=CPU,
-        manifest_config={}, resume_from=resume_from,
-    )
+    train_rollout_stage(tmp_path, model_dir, stage, VOWEL_PROMPTS, reporter, stage_index=1, seed=5,
+                        eval_records=[], checkpoint_every=3, resume_from=resume_from)
 
 
 def test_ppo_doubles_the_score_on_a_toy_task(tmp_path: Path, tiny_model_dir: Path) -> None:
