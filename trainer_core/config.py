@@ -9,9 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from trainer_core.reward_config import ExactMatchReward, RewardSpec
+from trainer_core.spec_base import (
+    MAX_ACCUMULATION,
+    MAX_BATCH,
+    MAX_COEF,
+    MAX_EPOCHS,
+    MAX_GENERATIONS,
+    MAX_LIST,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_WEIGHT,
+    SpecModel,
+)
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
 Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
@@ -26,19 +40,16 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # ---------------------------------------------------------------- adapter
 
 
-class LoraAdapter(_Strict):
+class LoraAdapter(SpecModel):
     type: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
+    alpha: float = Field(32, gt=0, le=MAX_COEF * 100)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        "all-linear", max_length=MAX_LIST)
 
     @field_validator("target_modules")
     @classmethod
@@ -48,7 +59,7 @@ class LoraAdapter(_Strict):
         return v
 
 
-class FullAdapter(_Strict):
+class FullAdapter(SpecModel):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
     type: Literal["full"] = "full"
@@ -60,17 +71,18 @@ Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
 # ---------------------------------------------------------------- stages
 
 
-class DatasetRef(_Strict):
-    id: str = Field(min_length=1)
-    weight: float = Field(1.0, gt=0)
+class DatasetRef(SpecModel):
+    id: str = Field(min_length=1, max_length=200)
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT)
 
 
-class PromptCurriculum(_Strict):
+class PromptCurriculum(SpecModel):
     """Admit harder prompts (records carry an integer `difficulty`) once the success rate passes a bar."""
 
     threshold: float = Field(0.7, gt=0, le=1)
-    window: int = Field(32, ge=1, description="recent prompts over which the success rate is measured")
-    start_level: int = 0
+    window: int = Field(32, ge=1, le=100_000,
+                        description="recent prompts over which the success rate is measured")
+    start_level: int = Field(0, ge=-1_000_000, le=1_000_000)
 
 
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
@@ -81,22 +93,22 @@ FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
 LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
 
 
-class StageBase(_Strict):
-    datasets: list[DatasetRef] = Field(min_length=1)
-    eval_dataset: str | None = None
+class StageBase(SpecModel):
+    datasets: list[DatasetRef] = Field(min_length=1, max_length=MAX_LIST)
+    eval_dataset: str | None = Field(None, max_length=200)
     eval_fraction: float = Field(0.0, ge=0, le=0.5, description="held-out share of the training mixture")
-    epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     learning_rate: float = Field(2e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    max_seq_len: int = Field(2048, ge=8)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    gradient_accumulation: int = Field(1, ge=1, le=MAX_ACCUMULATION)
+    max_seq_len: int = Field(2048, ge=8, le=MAX_SEQ_LEN)
     truncation: Literal["right", "left", "drop"] = "right"
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every_steps: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_COEF)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_COEF * 100)
+    eval_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
 
     @field_validator("max_steps")
     @classmethod
@@ -141,7 +153,7 @@ class SFTStage(StageBase):
 class DPOStage(StageBase):
     method: Literal["dpo"]
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, le=MAX_COEF)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
@@ -155,8 +167,8 @@ class DPOStage(StageBase):
 
 class _RolloutStage(StageBase):
     reward: RewardSpec = Field(default_factory=lambda: ExactMatchReward(type="exact_match"))
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, gt=0, le=MAX_COEF)
     top_p: float = Field(1.0, gt=0, le=1)
     curriculum: PromptCurriculum | None = None
 
@@ -175,10 +187,10 @@ class _RolloutStage(StageBase):
 class GRPOStage(_RolloutStage):
     method: Literal["grpo"]
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    num_generations: int = Field(8, ge=2)
+    num_generations: int = Field(8, ge=2, le=MAX_GENERATIONS)
     epsilon: float = Field(0.2, gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0)
-    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference forward")
+    epsilon_high: float | None = Field(None, gt=0, le=MAX_COEF)
+    beta: float = Field(0.0, ge=0, le=MAX_COEF, description="KL coefficient; 0 skips the reference forward")
     loss_aggregation: Literal["grpo", "dapo"] = "grpo"
     advantage_scaling: Literal["group", "batch", "none"] = "group"
 
@@ -199,19 +211,19 @@ class PPOStage(_RolloutStage):
     learning_rate: float = Field(1e-5, gt=0, le=1, description=LEARNING_RATE_NOTE)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    vf_coef: float = Field(0.1, ge=0)
-    kl_coef: float = Field(0.05, ge=0)
+    vf_coef: float = Field(0.1, ge=0, le=MAX_COEF)
+    kl_coef: float = Field(0.05, ge=0, le=MAX_COEF)
     cliprange: float = Field(0.2, gt=0, lt=1)
-    cliprange_value: float = Field(0.2, gt=0)
-    ppo_epochs: int = Field(4, ge=1)
+    cliprange_value: float = Field(0.2, gt=0, le=MAX_COEF)
+    ppo_epochs: int = Field(4, ge=1, le=64)
     whiten_advantages: bool = True
 
 
-class SpanWeights(_Strict):
+class SpanWeights(SpecModel):
     """Loss weight per span type; observation and other spans never carry loss."""
 
-    reasoning: float = Field(1.0, ge=0)
-    action: float = Field(1.0, ge=0)
+    reasoning: float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    action: float = Field(1.0, ge=0, le=MAX_WEIGHT)
 
     @model_validator(mode="after")
     def _some_weight(self) -> SpanWeights:
@@ -220,16 +232,19 @@ class SpanWeights(_Strict):
         return self
 
 
-class SpanMarkers(_Strict):
+Marker = Annotated[str, Field(max_length=200)]
+
+
+class SpanMarkers(SpecModel):
     """Line-start markers that open each span type in text trajectories."""
 
-    reasoning: list[str] = ["Thought:", "Reasoning:"]
-    action: list[str] = ["Action:", "Answer:", "Final Answer:"]
-    observation: list[str] = ["Observation:"]
-    think_tags: tuple[str, str] | None = ("<think>", "</think>")
+    reasoning: list[Marker] = Field(["Thought:", "Reasoning:"], max_length=MAX_LIST)
+    action: list[Marker] = Field(["Action:", "Answer:", "Final Answer:"], max_length=MAX_LIST)
+    observation: list[Marker] = Field(["Observation:"], max_length=MAX_LIST)
+    think_tags: tuple[Marker, Marker] | None = ("<think>", "</think>")
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(SpecModel):
     """Where the teacher distribution comes from.
 
     `dataset`: top-k log-probs stored in each trajectory record (none stored → cross-entropy).
@@ -238,8 +253,8 @@ class TeacherSpec(_Strict):
     """
 
     source: Literal["dataset", "model", "sglang"] = "dataset"
-    model: str | None = None
-    url: str | None = None
+    model: str | None = Field(None, max_length=400)
+    url: str | None = Field(None, max_length=2000)
     top_k: int = Field(20, ge=1, le=1000)
 
     @model_validator(mode="after")
@@ -257,7 +272,7 @@ class SADStage(StageBase):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "symmetric_kl", "alpha", "ce"] = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0, le=1)
     alpha: float = Field(0.5, gt=0, lt=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=MAX_COEF)
     tail_bucket: bool = True
     weighting: Literal["uniform", "span_type", "confidence", "scheduled"] = "span_type"
     span_weights: SpanWeights = SpanWeights()
@@ -282,31 +297,31 @@ Stage = Annotated[
 # ---------------------------------------------------------------- run
 
 
-class WandbIntegration(_Strict):
-    project: str = "tuneyard"
-    entity: str | None = None
+class WandbIntegration(SpecModel):
+    project: str = Field("tuneyard", max_length=200)
+    entity: str | None = Field(None, max_length=200)
     mode: Literal["online", "offline"] = "offline"
 
 
-class MlflowIntegration(_Strict):
-    tracking_uri: str | None = None
-    experiment: str = "tuneyard"
+class MlflowIntegration(SpecModel):
+    tracking_uri: str | None = Field(None, max_length=2000)
+    experiment: str = Field("tuneyard", max_length=200)
 
 
-class Integrations(_Strict):
+class Integrations(SpecModel):
     wandb: WandbIntegration | None = None
     mlflow: MlflowIntegration | None = None
 
 
-class RunSpec(_Strict):
+class RunSpec(SpecModel):
     name: str | None = Field(None, max_length=200)
-    base_model: str = Field(min_length=1)
+    base_model: str = Field(min_length=1, max_length=400)
     adapter: Adapter = LoraAdapter()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     stages: list[Stage] = Field(min_length=1, max_length=16)
-    checkpoint_every_steps: int | None = Field(200, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    export: list[Literal["adapter", "merged"]] = ["adapter"]
+    checkpoint_every_steps: int | None = Field(200, ge=1, le=MAX_STEPS)
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    export: list[Literal["adapter", "merged"]] = Field(["adapter"], max_length=2)
     integrations: Integrations = Integrations()
 
     @model_validator(mode="after")

@@ -6,18 +6,18 @@ themselves are in ``trainer_core.rewards``.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import regex
+from pydantic import Field, field_validator
+
+from trainer_core.spec_base import MAX_LIST, MAX_WEIGHT, SpecModel
+
+MAX_PATTERN = 2000
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _RewardBase(_Strict):
-    weight: float = 1.0
+class _RewardBase(SpecModel):
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
 
 
 class ExactMatchReward(_RewardBase):
@@ -26,37 +26,37 @@ class ExactMatchReward(_RewardBase):
 
 class NumericMatchReward(_RewardBase):
     type: Literal["numeric_match"]
-    tolerance: float = Field(1e-6, ge=0)
+    tolerance: float = Field(1e-6, ge=0, le=1e12)
 
 
 class RegexReward(_RewardBase):
     type: Literal["regex"]
-    pattern: str
+    pattern: str = Field(max_length=MAX_PATTERN)
 
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, v: str) -> str:
         try:
-            re.compile(v)
-        except re.error as exc:
+            regex.compile(v)  # the engine trainer_core.rewards matches with
+        except regex.error as exc:
             raise ValueError(f"pattern is not a valid regular expression: {exc}") from exc
         return v
 
 
 class ContainsReward(_RewardBase):
     type: Literal["contains"]
-    text: str | None = None
+    text: str | None = Field(None, max_length=MAX_PATTERN)
 
 
 class FormatReward(_RewardBase):
     type: Literal["format"]
-    pattern: str | None = None
+    pattern: str | None = Field(None, max_length=MAX_PATTERN)
 
 
 class LengthPenaltyReward(_RewardBase):
     type: Literal["length_penalty"]
-    max_length: int = Field(512, ge=1)
-    penalty_per_char: float = Field(0.001, ge=0)
+    max_length: int = Field(512, ge=1, le=1_000_000)
+    penalty_per_char: float = Field(0.001, ge=0, le=MAX_WEIGHT)
 
 
 RewardFunction = Annotated[
@@ -70,11 +70,11 @@ RewardFunction = Annotated[
 ]
 
 
-class CombinedReward(_Strict):
+class CombinedReward(SpecModel):
     """A weighted sum of reward functions."""
 
     type: Literal["combined"]
-    functions: list[RewardFunction] = Field(min_length=1)
+    functions: list[RewardFunction] = Field(min_length=1, max_length=MAX_LIST)
 
 
 RewardSpec = Annotated[

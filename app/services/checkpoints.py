@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Team, utcnow
 from app.errors import NotFound
-from app.ids import new_id
+from app.ids import is_id, new_id
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import ListPage
 from app.services.pagination import paginate
@@ -72,7 +72,7 @@ def _mark_best(session: Session, run_id: str, stage_index: int) -> None:
 
 def get_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint:
     """Returns the team's live checkpoint; 404 for a missing, deleted or another team's one."""
-    checkpoint = session.get(Checkpoint, checkpoint_id)
+    checkpoint = session.get(Checkpoint, checkpoint_id) if is_id(checkpoint_id, "ckpt") else None
     if checkpoint is None or checkpoint.team_id != team.id:
         raise NotFound(f"no checkpoint {checkpoint_id!r}", param="checkpoint_id")
     if checkpoint.deleted_at is not None:

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.broker import send_task
 from app.db.models import Dataset, Eval, Team
 from app.errors import ApiError, Conflict, NotFound, Unprocessable
-from app.ids import new_id
+from app.ids import is_id, new_id
 from app.inference.resolution import resolve_model
 from app.schemas.common import ListPage
 from app.schemas.evals import EvalCreate, EvalError, EvalOut, EvalResults
@@ -46,7 +46,7 @@ def to_out(row: Eval) -> EvalOut:
 
 def usable_dataset(session: Session, team: Team, dataset_id: str) -> Dataset:
     """Returns the team's ready dataset; 404 when missing, 409 while validating, 422 when invalid."""
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id, "ds") else None
     if dataset is None or dataset.team_id != team.id:
         raise NotFound(f"no dataset {dataset_id!r}", code="dataset_not_found", param="dataset_id")
     if dataset.status == "validating":
@@ -90,7 +90,7 @@ def create_eval(
 
 def get_eval(session: Session, team: Team, eval_id: str) -> Eval:
     """Returns the team's eval; 404 for a missing one or another team's."""
-    row = session.get(Eval, eval_id)
+    row = session.get(Eval, eval_id) if is_id(eval_id, "eval") else None
     if row is None or row.team_id != team.id:
         raise NotFound(f"no eval {eval_id!r}", param="eval_id")
     return row

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Team
+from app.ids import is_id
 from app.schemas.models import ModelOut
 from app.settings import Settings
 
@@ -36,6 +37,8 @@ def base_models(settings: Settings) -> list[ModelOut]:
 
 def finished_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint | None:
     """Returns the team's exported (adapter or merged) checkpoint with that id, if any."""
+    if not is_id(checkpoint_id, "ckpt"):
+        return None
     return session.scalar(
         select(Checkpoint).where(
             Checkpoint.id == checkpoint_id,
