@@ -29,6 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.broker import create_celery, send_task
 from app.db.models import Dataset, Run, Team, utcnow
 from app.db.session import make_session_factory
+from app.inference.resolution import find_model
+from app.inference.types import ResolvedModel
 from app.services.execution import (
     Claim,
     StaleAttempt,
@@ -37,11 +39,11 @@ from app.services.execution import (
     finish_attempt,
     requeue_attempt,
 )
-from app.services.models import base_model_dir, finished_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
 from trainer_core.errors import TrainingDataError
+from trainer_core.model_folders import ModelFolders
 from worker.lease import Lease
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
@@ -55,6 +57,7 @@ OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_ac
 @dataclass(frozen=True)
 class RunInputs:
     base_model_path: Path
+    start_adapter: Path | None  # an adapter checkpoint the run trains further
     dataset_paths: dict[str, Path]
     dataset_formats: dict[str, str]
 
@@ -109,6 +112,7 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
+                start_adapter=inputs.start_adapter,
             )
         reporter.flush()
         return _end(sessions, claim, lease, result.status)
@@ -214,25 +218,22 @@ def resolve_inputs(session: Session, settings: Settings, store: LocalBlobStore, 
             raise TrainingDataError(f"dataset {dataset_id} is {state}; upload it again and resume the run")
         paths[dataset_id] = store.path_for(dataset.blob_key)
         formats[dataset_id] = dataset.format
-    base = _model_path(session, settings, store, team_id, spec.base_model)
-    return RunInputs(base, paths, formats)
+    base = _model(session, settings, store, team_id, spec.base_model)
+    return RunInputs(base.weights_path, base.start_adapter, paths, formats)
 
 
-def _model_path(session: Session, settings: Settings, store: LocalBlobStore, team_id: str, name: str) -> Path:
-    if (folder := base_model_dir(settings, name)) is not None:
-        return folder
+def _model(session: Session, settings: Settings, store: LocalBlobStore, team_id: str,
+           name: str) -> ResolvedModel:
     team = session.get(Team, team_id)
-    checkpoint = finished_checkpoint(session, team, name) if team is not None else None
-    if checkpoint is None:
-        raise TrainingDataError(f"model {name!r} is neither a base model nor a finished checkpoint "
-                                "of the team")
-    if checkpoint.kind != "merged":
-        raise TrainingDataError(f"checkpoint {name} is a LoRA adapter; train from the run's merged export "
-                                "(export: [\"merged\"]) or from a base model")
-    return store.path_for(checkpoint.blob_prefix)
+    resolved = find_model(session, settings, store, team, name) if team is not None else None
+    if resolved is None:
+        raise TrainingDataError(f"model {name!r} is no longer a base model or finished checkpoint of the "
+                                "team")
+    return resolved
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
-                   name: str) -> Path:
+                   name: str) -> ModelFolders:
     with sessions() as session:
-        return _model_path(session, settings, store, team_id, name)
+        resolved = _model(session, settings, store, team_id, name)
+    return ModelFolders(resolved.weights_path, resolved.start_adapter)
