@@ -30,7 +30,6 @@ from app.broker import create_celery, send_task
 from app.db.models import Dataset, Run, Team, utcnow
 from app.db.session import make_session_factory
 from app.inference.resolution import find_model
-from app.inference.types import ResolvedModel
 from app.services.execution import (
     Claim,
     StaleAttempt,
@@ -56,8 +55,7 @@ OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_ac
 
 @dataclass(frozen=True)
 class RunInputs:
-    base_model_path: Path
-    start_adapter: Path | None  # an adapter checkpoint the run trains further
+    base_model: ModelFolders  # with an adapter when the run trains an adapter checkpoint further
     dataset_paths: dict[str, Path]
     dataset_formats: dict[str, str]
 
@@ -109,10 +107,10 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
             from trainer_core.pipeline import run_pipeline as pipeline
         with open_trackers(spec, run_id, work_dir, reporter) as mirrored:
             result = pipeline(
-                spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
+                spec, base_model_path=inputs.base_model.weights, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
-                start_adapter=inputs.start_adapter,
+                start_adapter=inputs.base_model.adapter,
             )
         reporter.flush()
         return _end(sessions, claim, lease, result.status)
@@ -218,22 +216,21 @@ def resolve_inputs(session: Session, settings: Settings, store: LocalBlobStore, 
             raise TrainingDataError(f"dataset {dataset_id} is {state}; upload it again and resume the run")
         paths[dataset_id] = store.path_for(dataset.blob_key)
         formats[dataset_id] = dataset.format
-    base = _model(session, settings, store, team_id, spec.base_model)
-    return RunInputs(base.weights_path, base.start_adapter, paths, formats)
+    return RunInputs(_model(session, settings, store, team_id, spec.base_model), paths, formats)
 
 
 def _model(session: Session, settings: Settings, store: LocalBlobStore, team_id: str,
-           name: str) -> ResolvedModel:
+           name: str) -> ModelFolders:
+    """Returns the folders of a model the run names (resolved at submit; gone since is a data error)."""
     team = session.get(Team, team_id)
     resolved = find_model(session, settings, store, team, name) if team is not None else None
     if resolved is None:
         raise TrainingDataError(f"model {name!r} is no longer a base model or finished checkpoint of the "
                                 "team")
-    return resolved
+    return ModelFolders(resolved.weights_path, resolved.start_adapter)
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
                    name: str) -> ModelFolders:
     with sessions() as session:
-        resolved = _model(session, settings, store, team_id, name)
-    return ModelFolders(resolved.weights_path, resolved.start_adapter)
+        return _model(session, settings, store, team_id, name)

@@ -69,8 +69,9 @@ def test_an_adapter_checkpoint_trains_further_teaches_and_serves(stack: Stack) -
     metrics = client.get(f"/v1/runs/{sad_run['id']}/metrics", params={"names": "loss"}).json()["data"]
     assert metrics and metrics[0]["points"]
 
-    # The continued adapter applies to tiny-llama (its parent's base) when served.
-    reply = client.post("/v1/chat/completions", json={
+    # The continued adapter applies to tiny-llama (its parent's base) when served; the first request
+    # loads torch and the model into the API process, hence the long timeout.
+    reply = client.post("/v1/chat/completions", timeout=120, json={
         "model": _export(client, child["id"], "adapter")["id"], "max_tokens": 3, "temperature": 0,
         "messages": [{"role": "user", "content": "What is 1 plus 1?"}]})
     assert reply.status_code == 200, reply.text
