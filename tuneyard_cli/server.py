@@ -145,7 +145,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"warning: could not build the tiny base model ({exc}); run `tuneyard models init-tiny`",
               file=sys.stderr)
-    me = [sys.executable, "-m", "app.cli"]
+    me = [sys.executable, "-m", "tuneyard_cli"]
     children = {
         "api": subprocess.Popen([*me, "api"]),
         "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
@@ -164,7 +164,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("use the key printed at first start, or create one: tuneyard keys create --team NAME")
     if getattr(args, "demo", False):
-        from app.client_cli import run_demo
+        from tuneyard_cli.demo import run_demo
 
         run_demo(url, key or _demo_key(settings), TINY_MODEL)
     return _supervise(children)
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="then upload a small dataset and submit a short SFT run")
     up.set_defaults(run=cmd_up)
-    from app.client_cli import add_commands
+    from tuneyard_cli.client import add_commands
 
     add_commands(sub)
     return parser
@@ -253,6 +253,3 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_json)
     return args.run(settings, args)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
