@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import shutil
 import signal
@@ -103,20 +101,10 @@ def cmd_models_init_tiny(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
-    run_reaper_forever = _reaper()
-    if run_reaper_forever is None:
-        print("no reaper installed (worker.reaper.run_reaper_forever); nothing to do", file=sys.stderr)
-        return 0
-    params = inspect.signature(run_reaper_forever).parameters
-    run_reaper_forever(settings) if params else run_reaper_forever()
+    from worker.reaper import run_reaper_forever
+
+    run_reaper_forever(settings)
     return 0
-
-
-def _reaper():  # noqa: ANN202 - the callable comes from an optional module
-    try:
-        return importlib.import_module("worker.reaper").run_reaper_forever
-    except (ImportError, AttributeError):
-        return None
 
 
 def _first_start_key(settings: Settings) -> str | None:
@@ -150,9 +138,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         "api": subprocess.Popen([*me, "api"]),
         "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
                                     "--concurrency", str(EMBEDDED_CONCURRENCY)]),
+        "reaper": subprocess.Popen([*me, "reaper"]),
     }
-    if _reaper() is not None:
-        children["reaper"] = subprocess.Popen([*me, "reaper"])
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nTuneyard is starting at {url}  (data in {settings.data_dir})")
     key: str | None = None
