@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check app worker trainer_core migrations tests bench
+	$(BIN)/ruff check app worker trainer_core tuneyard_cli migrations tests bench
 
 # Debian packages the browser and compose tests use (CI runs this as root).
 system-deps:
