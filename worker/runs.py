@@ -41,7 +41,8 @@ from app.services.execution import (
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
-from trainer_core.errors import TrainingDataError
+from trainer_core.errors import GraderFailure, TrainingDataError
+from trainer_core.graders.scoring import GraderRuntime
 from trainer_core.model_folders import ModelFolders
 from worker.lease import Lease
 from worker.reporter import DbReporter
@@ -110,7 +111,7 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model.weights, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
-                start_adapter=inputs.base_model.adapter,
+                start_adapter=inputs.base_model.adapter, graders=grader_runtime(settings),
             )
         reporter.flush()
         return _end(sessions, claim, lease, result.status)
@@ -119,6 +120,8 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
         return "superseded"
     except TrainingDataError as exc:
         return _fail(sessions, claim, reporter, "training_data_error", str(exc))
+    except GraderFailure as exc:
+        return _fail(sessions, claim, reporter, "grader_error", str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
             return _fail(sessions, claim, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
@@ -228,6 +231,14 @@ def _model(session: Session, settings: Settings, store: LocalBlobStore, team_id:
         raise TrainingDataError(f"model {name!r} is no longer a base model or finished checkpoint of the "
                                 "team")
     return ModelFolders(resolved.weights_path, resolved.start_adapter)
+
+
+def grader_runtime(settings: Settings) -> GraderRuntime:
+    """Returns what graders need on this worker: the sandbox, the default judge and the environment."""
+    return GraderRuntime(
+        secrets=dict(os.environ), judge_base_url=settings.default_judge_url,
+        judge_api_key=settings.judge_api_key,
+    )
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
