@@ -32,3 +32,4 @@ lint: install
 system-deps:
 	command -v chromium >/dev/null || apt-get install -y -q chromium
 	command -v docker-compose >/dev/null || apt-get install -y -q docker-compose
+	command -v bwrap >/dev/null || apt-get install -y -q bubblewrap

@@ -37,7 +37,8 @@ from app.services.models import base_model_dir, finished_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
-from trainer_core.errors import TrainingDataError
+from trainer_core.errors import GraderFailure, TrainingDataError
+from trainer_core.graders.scoring import GraderRuntime
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
 
@@ -106,6 +107,7 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
+                graders=grader_runtime(settings),
             )
         reporter.flush()
         return _end(sessions, claimed, lease, result.status)
@@ -114,6 +116,8 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
         return "superseded"
     except TrainingDataError as exc:
         return _fail(sessions, claimed, reporter, "training_data_error", str(exc))
+    except GraderFailure as exc:
+        return _fail(sessions, claimed, reporter, "grader_error", str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
             return _fail(sessions, claimed, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
@@ -227,6 +231,14 @@ def _model_path(session: Session, settings: Settings, store: LocalBlobStore, tea
         raise TrainingDataError(f"checkpoint {name} is a LoRA adapter; train from the run's merged export "
                                 "(export: [\"merged\"]) or from a base model")
     return store.path_for(checkpoint.blob_prefix)
+
+
+def grader_runtime(settings: Settings) -> GraderRuntime:
+    """Returns what graders need on this worker: the sandbox, the default judge and the environment."""
+    return GraderRuntime(
+        secrets=dict(os.environ), judge_base_url=settings.default_judge_url,
+        judge_api_key=settings.judge_api_key,
+    )
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
