@@ -101,7 +101,7 @@ def cmd_models_init_tiny(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.reaper import run_reaper_forever
+    from app.jobs.reaper import run_reaper_forever
 
     run_reaper_forever(settings)
     return 0
