@@ -39,7 +39,7 @@ def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = worker_env(backend.settings) | {
         "TUNEYARD_API_HEADER_TIMEOUT_SECONDS": "1", "TUNEYARD_API_BODY_TIMEOUT_SECONDS": "1",
         "TUNEYARD_API_MAX_CONCURRENCY": str(MAX_CONCURRENCY)}
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "api", "--port", str(port)], cwd=REPO,
                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
