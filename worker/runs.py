@@ -37,12 +37,13 @@ from app.services.execution import (
     finish_attempt,
     requeue_attempt,
 )
-from app.services.models import base_model_dir, finished_checkpoint
+from app.services.models import base_model_dir, finished_checkpoint, reward_model_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
 from trainer_core.errors import GraderFailure, TrainingDataError
-from trainer_core.graders.scoring import GraderRuntime
+from trainer_core.grader_config import RewardModelGrader
+from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer
 from worker.lease import Lease
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
@@ -110,7 +111,7 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
-                graders=grader_runtime(settings),
+                graders=grader_runtime(settings, sessions, store, team_id),
             )
         reporter.flush()
         return _end(sessions, claim, lease, result.status)
@@ -236,11 +237,26 @@ def _model_path(session: Session, settings: Settings, store: LocalBlobStore, tea
     return store.path_for(checkpoint.blob_prefix)
 
 
-def grader_runtime(settings: Settings) -> GraderRuntime:
-    """Returns what graders need on this worker: the sandbox, the default judge and the environment."""
+def grader_runtime(settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
+                   team_id: str) -> GraderRuntime:
+    """Returns what graders need on this worker: the sandbox, the default judge, the environment and
+    the team's reward models."""
+
+    def reward_model(spec: RewardModelGrader) -> RewardModelScorer:
+        from trainer_core.reward_models import load_reward_model_scorer  # torch: only when used
+
+        with sessions() as session:
+            team = session.get(Team, team_id)
+            checkpoint = reward_model_checkpoint(session, team, spec.model) if team is not None else None
+            if checkpoint is None:
+                raise TrainingDataError(f"reward_model grader: {spec.model!r} is not a finished reward_model "
+                                        "checkpoint of the team")
+            folder = store.path_for(checkpoint.blob_prefix)
+        return load_reward_model_scorer(folder, spec.batch_size)
+
     return GraderRuntime(
         secrets=dict(os.environ), judge_base_url=settings.default_judge_url,
-        judge_api_key=settings.judge_api_key,
+        judge_api_key=settings.judge_api_key, reward_model=reward_model,
     )
 
 
