@@ -22,12 +22,14 @@ from app.routes import (
     evals,
     graders,
     inference,
+    keys,
     metrics,
     models,
     ops,
     runs,
     stream,
 )
+from app.services.auth import KeyCache
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -46,6 +48,7 @@ ROUTERS: list[APIRouter] = [
     stream.router,
     checkpoints.router,
     graders.router,
+    keys.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_session_factory(settings)
     app.state.store = LocalBlobStore(settings.storage_dir)
     app.state.celery = create_celery(settings)
+    app.state.keys = KeyCache(settings.auth_cache_seconds)
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:

@@ -26,7 +26,6 @@ WORKER_MAY_IMPORT = (
     "app.db", "app.storage", "app.settings", "app.broker", "app.jobs", "app.errors",
     "app.services.checkpoints", "app.services.metrics", "app.services.models", "app.services.datasets",
     "app.inference.loading", "app.inference.resolution", "app.schemas.evals",
-    "app.services.execution", "app.services.run_states", "app.services.eval_execution",
 )
 
 
