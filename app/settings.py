@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         200, ge=1, description="connections the API serves at once; more get 503 (uvicorn limit_concurrency)"
     )
     log_json: bool = False
+    judge_base_url: str | None = Field(
+        None, description="default endpoint of score_model graders; default: this server's own /v1"
+    )
+    judge_api_key: str | None = Field(None, description="API key workers send to the default judge endpoint")
 
     @field_validator("data_dir", "storage_dir", "base_models_dir")
     @classmethod
@@ -61,6 +65,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def default_judge_url(self) -> str:
+        """Returns the OpenAI-compatible root score_model graders use when they name no base_url."""
+        return self.judge_base_url or f"http://{self.host}:{self.port}/v1"
 
     @property
     def broker_dir(self) -> Path:
