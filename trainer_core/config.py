@@ -1,4 +1,5 @@
-"""Typed configuration of a training run: adapter, stages, teachers (reward specs: reward_config.py).
+"""Typed configuration of a training run: adapter, stages, teachers (reward specs: reward_config.py),
+and the sampling parameters serving, evals and the decoder share.
 
 These models are the contract between the API and the trainer: the API validates a submitted run
 spec with exactly these classes and the trainer runs what they describe. This module must import
@@ -7,6 +8,7 @@ without torch (the API imports it on the request path).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -15,7 +17,6 @@ from trainer_core.grader_config import StageReward
 from trainer_core.reward_config import ExactMatchReward
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
-Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
 
 # Which dataset formats each stage method can train on.
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
@@ -281,6 +282,40 @@ class SADStage(StageBase):
 Stage = Annotated[
     SFTStage | DPOStage | PPOStage | GRPOStage | SADStage, Field(discriminator="method")
 ]
+
+
+# ---------------------------------------------------------------- sampling (serving, evals, decoding)
+
+
+class SamplingParams(_Strict):
+    """How to pick tokens and when to stop, with OpenAI's names (``temperature`` 0 is greedy).
+
+    The one sampling type of the service: the inference backends, eval jobs and trainer_core's
+    decoder all take it.
+    """
+
+    max_tokens: int = Field(16, ge=1, le=32768, description="most tokens to generate")
+    temperature: float = Field(1.0, ge=0, le=2, description="softmax temperature; 0 picks the likeliest")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set with this mass")
+    stop: tuple[str, ...] = Field((), max_length=4, description="strings that end the completion (left out)")
+    seed: int | None = Field(None, description="seed of the sampling generator; none draws fresh entropy")
+    n: int = Field(1, ge=1, le=16, description="completions per prompt")
+    logprobs: bool = Field(False, description="report each generated token's log-probability")
+    top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: likeliest alternatives per token")
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """Returns the parameters of sample ``index`` of a request: seed + index when seeded, so the
+        samples differ and the request stays reproducible."""
+        return self if self.seed is None else self.model_copy(update={"seed": self.seed + index})
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text and log-prob, with the likeliest alternatives as ``(token, logprob)``."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 # ---------------------------------------------------------------- run
