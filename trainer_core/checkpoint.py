@@ -25,7 +25,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,9 +296,12 @@ def export_adapter(
 
 def export_merged(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, base_model_dir: Path,
-    stage_index: int, step: int, config: dict[str, Any],
+    stage_index: int, step: int, config: dict[str, Any], kind: CheckpointKind = "merged",
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> CheckpointInfo:
     """Returns the info of a full model folder with the adapter merged in (plain ``from_pretrained``).
+
+    ``extra_files`` name -> writer add files (a reward model's head) before the manifest is written.
 
     The merge happens in float32 on a fresh copy of the base loaded from ``base_model_dir`` (the
     training model is left untouched), then the weights are cast back to the base's saved dtype
@@ -317,8 +320,10 @@ def export_merged(
         merged = model
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    manifest = {"kind": "merged", "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, "merged", stage_index, step)
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)
+    manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
+    return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
 
 
 def _export_info(
