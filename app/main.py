@@ -20,6 +20,7 @@ from app.routes import (
     dashboard,
     datasets,
     evals,
+    graders,
     inference,
     keys,
     metrics,
@@ -47,6 +48,7 @@ ROUTERS: list[APIRouter] = [
     metrics.router,
     stream.router,
     checkpoints.router,
+    graders.router,
     keys.router,
 ]
 
