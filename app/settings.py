@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     tmp_max_age_seconds: float = Field(
         6 * 3600.0, gt=0, description="temporary upload files older than this are swept (a killed upload)"
     )
+    api_snapshot_seconds: float = Field(
+        1.0, ge=0, description="a run's polled status and metrics are answered from a per-process cache "
+                               "this long (a cancel or resume through this process drops it at once; 0: off)"
+    )
     log_json: bool = False
     judge_base_url: str | None = Field(
         None, description="default endpoint of score_model graders; default: this server's own /v1"
