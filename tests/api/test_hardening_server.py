@@ -30,6 +30,7 @@ from tests.small_disk import run_on_small_disk
 
 IDLE_SOCKETS = 250
 MAX_CONCURRENCY = 50  # far below the idle sockets: idle connections must not count as requests
+SPEC = {"base_model": "tiny-llama", "stages": [{"method": "sft", "datasets": [{"id": "ds_1"}]}]}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def test_database_outage_is_503_with_retry_after_and_recovers(backend: Backend) 
             proxy.cut()
             for method, path in (("GET", "/v1/runs"), ("GET", "/v1/datasets"), ("GET", "/v1/models"),
                                  ("POST", "/v1/runs")):
-                response = client.request(method, path, headers=auth, json={} if method == "POST" else None)
+                response = client.request(method, path, headers=auth, json=SPEC if method == "POST" else None)
                 assert response.status_code == 503, (path, response.text)
                 assert response.headers["Retry-After"].isdigit()
                 assert response.json()["error"]["code"] == "database_unavailable"
