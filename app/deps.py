@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Team
 from app.services import auth
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings
 from app.storage import LocalBlobStore
 
@@ -35,7 +36,18 @@ async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+async def get_sessions(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessions
+
+
+async def get_snapshots(request: Request) -> SnapshotCache:
+    return request.app.state.snapshots
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+# The session factory, for async routes that open a session (in a thread) only when they need one.
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+SnapshotsDep = Annotated[SnapshotCache, Depends(get_snapshots)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]

@@ -30,6 +30,7 @@ from app.routes import (
     stream,
 )
 from app.services.auth import KeyCache
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = LocalBlobStore(settings.storage_dir)
     app.state.celery = create_celery(settings)
     app.state.keys = KeyCache(settings.auth_cache_seconds)
+    app.state.snapshots = SnapshotCache(settings.api_snapshot_seconds)
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     api_max_concurrency: int = Field(
         200, ge=1, description="connections the API serves at once; more get 503 (uvicorn limit_concurrency)"
     )
+    api_snapshot_seconds: float = Field(
+        1.0, ge=0, description="a run's polled status and metrics are answered from a per-process cache "
+                               "this long (a cancel or resume through this process drops it at once; 0: off)"
+    )
     log_json: bool = False
     judge_base_url: str | None = Field(
         None, description="default endpoint of score_model graders; default: this server's own /v1"
