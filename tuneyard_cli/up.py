@@ -43,21 +43,21 @@ def _write_private(path: Path, text: str) -> None:
 def saved_or_new_key(settings: Settings) -> tuple[str, bool]:
     """Returns (key, is_new): the key saved by an earlier start if the database still accepts it,
     else a new key of the default team (saved for the next start)."""
+    from sqlalchemy import select
+
+    from app.db.models import ApiKey
     from app.db.session import make_session_factory
-    from app.errors import Unauthorized
-    from app.services.auth import DEFAULT_TEAM, create_api_key, team_for_key
+    from app.services.auth import DEFAULT_TEAM, create_api_key, hash_key
 
     path = settings.data_dir / KEY_FILE
     saved = path.read_text().strip() if path.is_file() else None
     sessions = make_session_factory(settings)
     try:
         with sessions() as session:
-            if saved:
-                try:
-                    team_for_key(session, saved)
-                    return saved, False
-                except Unauthorized:
-                    pass  # revoked, or a new database: mint a new one below
+            # A saved key that was revoked, or belongs to a database since deleted, is replaced.
+            if saved and session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(saved),
+                                                                 ApiKey.revoked_at.is_(None))):
+                return saved, False
             _, key = create_api_key(session, DEFAULT_TEAM, "created by tuneyard up")
     finally:
         sessions.kw["bind"].dispose()

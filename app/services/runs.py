@@ -18,7 +18,8 @@ import logging
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, joinedload, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
@@ -31,8 +32,9 @@ from app.schemas.runs import EventOut, RunOut, StageOut
 from app.services.datasets import check_usable
 from app.services.metrics import run_progress
 from app.services.model_refs import resolve_spec_models
-from app.services.owned import get_owned
+from app.services.owned import get_owned, not_found
 from app.services.pagination import paginate
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings
 from trainer_core.config import RunSpec
 
@@ -110,27 +112,45 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
 
 
 def run_out(run: Run) -> RunOut:
-    """Returns the API object of a run loaded in a session (progress and ETA read its recent metrics)."""
-    session = object_session(run)
-    assert session is not None, "run_out needs a run attached to a session"
+    """Returns the API object of a run with its stages loaded (progress and ETA read the stage rows)."""
     return RunOut(
         id=run.id, name=run.name, status=run.status, base_model=run.base_model, spec=run.spec,
-        stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(session, run),
+        stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(run),
         attempt=run.attempt, error=run.error, created_at=run.created_at, started_at=run.started_at,
         finished_at=run.finished_at,
     )
 
 
+async def run_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str) -> bytes:
+    """Returns the JSON of the team's run: from the snapshot cache (no thread hop, no query) or from
+    one SELECT of the run with its stages."""
+    owner = cache.owner(run_id)
+    if owner is not None and owner != team.id:
+        raise not_found(Run, run_id)
+    if owner is not None and (body := cache.fresh(run_id, "run")) is not None:
+        return body
+    return await run_in_threadpool(_load_run_json, sessions, cache, team, run_id)
+
+
+def _load_run_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str) -> bytes:
+    with sessions() as session:
+        run = get_owned(session, Run, team, run_id, options=[joinedload(Run.stages)])
+        cache.remember_owner(run.id, run.team_id)
+        body = run_out(run).model_dump_json().encode()
+    cache.put(run.id, "run", body, None)
+    return body
+
+
 def list_runs(session: Session, team: Team, *, status: str | None, limit: int,
               after: str | None) -> ListPage[RunOut]:
-    stmt = select(Run).where(Run.team_id == team.id)
+    stmt = select(Run).where(Run.team_id == team.id).options(joinedload(Run.stages))
     if status:
         stmt = stmt.where(Run.status == status)
     rows, has_more, cursor = paginate(session, stmt, Run.id, limit=limit, after=after)
     return ListPage[RunOut](data=[run_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
 
 
-def cancel_run(session: Session, team: Team, run_id: str) -> Run:
+def cancel_run(session: Session, snapshots: SnapshotCache, team: Team, run_id: str) -> Run:
     """Returns the run after a cancel request: queued → cancelled now, running → cancelling.
 
     Cancelling an already `cancelling` run is a no-op; a finished run answers 409.
@@ -152,10 +172,12 @@ def cancel_run(session: Session, team: Team, run_id: str) -> Run:
     add_event(session, run.id, run.attempt, "cancel_requested" if target == "cancelling" else "cancelled",
               f"cancel requested; run is {target}")
     session.commit()
+    snapshots.drop(run.id)
     return run
 
 
-def resume_run(session: Session, settings: Settings, celery: Celery, team: Team, run_id: str) -> Run:
+def resume_run(session: Session, snapshots: SnapshotCache, settings: Settings, celery: Celery, team: Team,
+               run_id: str) -> Run:
     """Returns a failed or cancelled run moved back to `queued` (it continues from its last checkpoint).
 
     The attempt cap restarts: the run may use `settings.max_attempts` more attempts from here.
@@ -172,6 +194,7 @@ def resume_run(session: Session, settings: Settings, celery: Celery, team: Team,
     add_event(session, run.id, run.attempt, "resume_requested",
               "resume requested; the run continues from its last complete checkpoint")
     session.commit()
+    snapshots.drop(run.id)
     send_task(celery, "tuneyard.train_run", [run.id])
     return run
 
