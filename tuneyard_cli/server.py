@@ -44,11 +44,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.server import serve
 
-    uvicorn.run("app.main:build_app", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, log_config=None, access_log=False,
-                limit_concurrency=settings.api_max_concurrency)
+    serve(settings, args.host or settings.host, args.port or settings.port)
     return 0
 
 
