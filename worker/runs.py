@@ -36,7 +36,7 @@ from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
 from app.settings import Settings, get_settings
-from app.storage import LocalBlobStore
+from app.storage import LocalBlobStore, is_disk_full
 from trainer_core.config import RunSpec
 from trainer_core.errors import GraderFailure, TrainingDataError
 from trainer_core.grader_config import RewardModelGrader
@@ -49,6 +49,11 @@ log = logging.getLogger("tuneyard.worker.runs")
 
 OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_accumulation to keep the "
               "effective batch), or use a smaller base model")
+
+
+STORAGE_FULL_ADVICE = ("the storage volume filled up while the run wrote a checkpoint; the partial folder "
+                       "was removed and earlier checkpoints are kept: resume the run "
+                       "(POST /v1/runs/{id}/resume) once space is freed")
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,10 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
     except Exception as exc:
         if is_out_of_memory(exc):
             return _fail(sessions, claimed, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
+        if is_disk_full(exc):
+            # Retrying would only fill the disk again: the operator has to free space first.
+            log.error("run %s: storage full: %s", run_id, exc)
+            return _fail(sessions, claimed, reporter, "storage_full", STORAGE_FULL_ADVICE.format(id=run_id))
         log.exception("run %s: attempt %d hit a system error", run_id, claimed.attempt)
         return _retry_or_fail(sessions, celery, claimed, reporter, exc)
     finally:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SessionsDep, SettingsDep, SnapshotsDep
 from app.errors import error_responses
-from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
+from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.schemas.runs import EventOut, RunOut, RunStatus
 from app.services import runs as service
 from trainer_core.config import RunSpec
@@ -33,7 +33,7 @@ def list_runs(
     session: SessionDep, team: CurrentTeam,
     status: RunStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    after: Cursor = None,
 ) -> ListPage[RunOut]:
     return service.list_runs(session, team, status=status, limit=limit, after=after)
 

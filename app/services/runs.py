@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
-from app.errors import Conflict, Unprocessable
+from app.errors import Conflict
 from app.ids import is_id, new_id
 from app.jobs.lease import add_event
 from app.jobs.states import RUN, IllegalTransition, transition_atomically
@@ -47,22 +47,8 @@ def request_hash(spec: RunSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _nul_path(value: object, path: str = "") -> str | None:
-    """Returns the field path of the first string holding a NUL character (PostgreSQL refuses them)."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        sub = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
-        if (found := _nul_path(item, sub)) is not None:
-            return found
-    return None
-
-
 def check_run_inputs(session: Session, settings: Settings, team: Team, spec: RunSpec) -> RunSpec:
     """Returns the spec with its models pinned to ids, once every dataset and model is usable by the team."""
-    if (param := _nul_path(spec.model_dump(mode="json"))) is not None:
-        raise Unprocessable(f"{param}: text must not contain NUL characters", param=param)
     ids = {i for i in spec.dataset_ids() if is_id(i, "ds")}
     found = {d.id: d for d in session.scalars(
         select(Dataset).where(Dataset.team_id == team.id, Dataset.id.in_(ids)))}
