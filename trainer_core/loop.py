@@ -10,6 +10,7 @@ alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -32,7 +33,7 @@ from trainer_core.checkpoint import (
 from trainer_core.config import StageBase
 from trainer_core.methods.base import LossOutput, StageMethod, weighted_mean
 from trainer_core.modeling import trainable_parameters
-from trainer_core.reporting import Reporter
+from trainer_core.reporting import Reporter, StopRequested, raise_if_stopping
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,22 @@ def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict
     return params
 
 
+def _accumulate(model: nn.Module, method: StageMethod, step: int, device: torch.device,
+                reporter: Reporter) -> list[LossOutput]:
+    """Returns the losses of the step's micro-batches, gradients accumulated; the stop flag is asked
+    before each (up to 1,024 of them may make one step)."""
+    batches = method.micro_batches(model, step)
+    model.train()
+    outputs: list[LossOutput] = []
+    for batch in batches:
+        raise_if_stopping(reporter.should_stop)
+        with _autocast(device):
+            out = method.loss(model, batch, step)
+        out.loss.backward()
+        outputs.append(out)
+    return outputs
+
+
 def _evaluate(model: nn.Module, method: StageMethod, device: torch.device) -> dict[str, float] | None:
     model.eval()
     with _rng_preserved(device), torch.no_grad(), _autocast(device):
@@ -168,14 +185,13 @@ def train_stage(
         lr = learning_rate_at(step, stage, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = method.micro_batches(model, step)
-        model.train()
-        outputs: list[LossOutput] = []
-        for batch in batches:
-            with _autocast(device):
-                out = method.loss(model, batch, step)
-            out.loss.backward()
-            outputs.append(out)
+        try:
+            outputs = _accumulate(model, method, step, device, reporter)
+        except StopRequested:
+            # Stopped inside the step (a cancel, or a lease another attempt took): the half-made
+            # step is dropped and the run resumes from its last complete checkpoint.
+            optimizer.zero_grad(set_to_none=True)
+            return StageOutcome("stopped", step - 1, train_metrics)
         units = sum(out.num_units for out in outputs)
         # The micro-batch losses are sums, so dividing the accumulated gradient by the step's unit
         # count makes accumulation exactly one big batch, however the units fell across batches.
@@ -200,7 +216,8 @@ def train_stage(
 
         eval_metrics: dict[str, float] = {}
         if step == total or (stage.eval_every_steps and step % stage.eval_every_steps == 0):
-            eval_metrics = _evaluate(model, method, device) or {}
+            with contextlib.suppress(StopRequested):  # the step is complete: skip the eval, save below
+                eval_metrics = _evaluate(model, method, device) or {}
             if eval_metrics:
                 last_eval = eval_metrics
                 reporter.on_metrics(stage_index, step, "eval", eval_metrics)

@@ -167,7 +167,7 @@ def run_pipeline(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders,
+            graders=graders, should_stop=reporter.should_stop,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",

@@ -87,6 +87,7 @@ class StageContext:
     ``resolve_model``: turns a base model name or checkpoint id into its folders (SAD teachers).
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
     ``graders``: what RL rewards need from the host (sandbox, judge endpoint and keys, reward models).
+    ``should_stop``: the reporter's stop flag, for work inside a step that can run long (sampling).
     """
 
     stage: Stage
@@ -101,6 +102,7 @@ class StageContext:
     reference: ReferencePolicy
     resolve_model: Callable[[str], ModelFolders | Path] | None = None
     graders: GraderRuntime | None = None
+    should_stop: Callable[[], bool] | None = None
 
 
 class StageMethod(Protocol):
