@@ -84,3 +84,22 @@ class RecordingReporter:
             for s, _, split, v in self.metrics
             if split == "train" and name in v and (stage_index is None or s == stage_index)
         ]
+
+
+class SilentReporter:
+    """Records nothing and never asks to stop: the reporter of every rank but 0 (rank 0 reports)."""
+
+    def on_metrics(self, stage_index: int, step: int, split: str, values: dict[str, float]) -> None:
+        """Rank 0 reports the step's metrics, already summed over every rank."""
+
+    def on_event(self, kind: str, message: str, data: dict | None = None) -> None:
+        """Rank 0 reports events."""
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None:
+        """Rank 0 writes and reports checkpoints."""
+
+    def on_checkpoint_removed(self, path: Path) -> None:
+        """Rank 0 prunes checkpoints."""
+
+    def should_stop(self) -> bool:
+        return False

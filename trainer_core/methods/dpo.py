@@ -16,7 +16,7 @@ from trainer_core.data.packing import collate_padded
 from trainer_core.data.render import RenderedExample, render_preference
 from trainer_core.errors import TrainingDataError
 from trainer_core.losses.dpo import dpo_loss
-from trainer_core.methods.base import EpochStream, LossOutput, StageContext, shuffled_chunks
+from trainer_core.methods.base import EpochStream, Filler, LossOutput, StageContext, shuffled_chunks
 from trainer_core.modeling import label_logits
 
 # Pairs per reference forward in setup: bounded memory, independent of the training batch size.
@@ -106,9 +106,9 @@ class DPOMethod:
         index = torch.tensor(list(indices))
         return PairBatch(inputs, labels, ref_chosen[index], ref_rejected[index])
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._batch("train", indices) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._batch("train", indices))
 
     def _loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         logps = sequence_logps(model, batch.inputs, batch.labels)

@@ -32,6 +32,7 @@ from trainer_core.losses.sft import sft_loss
 from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
     EpochStream,
+    Filler,
     LossOutput,
     StageContext,
     shuffled_chunks,
@@ -113,9 +114,9 @@ class SFTMethod:
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         """Nothing to prepare: SFT needs no reference."""
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._collate([self.train[i] for i in indices]) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._collate([self.train[i] for i in indices]))
 
     def _summed_loss(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, Any], int]:
         keep = batch.labels != IGNORE_INDEX
