@@ -298,6 +298,17 @@ class Integrations(_Strict):
     mlflow: MlflowIntegration | None = None
 
 
+# Stage methods that train on several devices (FSDP2 over torchrun); the rollout methods and SAD's
+# teachers run on one device for now.
+DISTRIBUTED_METHODS = ("sft", "dpo")
+
+
+class Resources(_Strict):
+    """What one run needs from a worker."""
+
+    gpus: int = Field(1, ge=1, le=64, description="devices the run trains on; > 1 shards it with FSDP2")
+
+
 class RunSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     base_model: str = Field(min_length=1)
@@ -308,6 +319,21 @@ class RunSpec(_Strict):
     keep_checkpoints: int = Field(3, ge=1)
     export: list[Literal["adapter", "merged"]] = ["adapter"]
     integrations: Integrations = Integrations()
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _stages_fit_devices(self) -> RunSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        for i, stage in enumerate(self.stages):
+            if stage.method not in DISTRIBUTED_METHODS:
+                raise ValueError(f"stages[{i}]: method {stage.method!r} trains on one device; "
+                                 f"resources.gpus > 1 supports {' and '.join(DISTRIBUTED_METHODS)} stages")
+            if stage.batch_size < gpus:
+                raise ValueError(f"stages[{i}].batch_size ({stage.batch_size}) must be at least "
+                                 f"resources.gpus ({gpus}): each device trains on a share of it")
+        return self
 
     @model_validator(mode="after")
     def _full_finetune_rates(self) -> RunSpec:
