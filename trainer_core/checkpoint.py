@@ -7,6 +7,7 @@ Layout under a run's work_dir::
         trainable.safetensors             trainable weights (LoRA, or every weight for full FT)
         optimizer.pt  rng.pt  method_state.pt  trainer_state.json
         rng-rank{r}.pt                    RNG of rank r > 0 (runs on several processes)
+        modules.pt                        a method's extra trainable modules (PPO value head), if any
         manifest.json                     written last: config, stage, step, versions, files+sha256
     export/adapter/  export/merged/       final exports, each with its manifest.json
 
@@ -25,6 +26,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,13 +191,15 @@ def save_resume_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     metrics: dict[str, float],
+    modules: Mapping[str, nn.Module] | None = None,
     ranks: Ranks = SINGLE,
 ) -> CheckpointInfo | None:
     """Returns the info of a complete resume checkpoint written for optimizer step ``step``.
 
-    With several ranks every rank must call it: the sharded weights and optimizer state are
-    gathered to rank 0, which writes the same files a single process writes (plus each rank's RNG)
-    and returns the info; the other ranks return None.
+    ``modules``: trainable modules besides the policy (a method's ``trainable_modules``), stored
+    by name. With several ranks every rank must call it: the sharded weights and optimizer state
+    are gathered to rank 0, which writes the same files a single process writes (plus each rank's
+    RNG) and returns the info; the other ranks return None.
     """
     final = stage_folder / f"checkpoint-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -213,6 +217,8 @@ def save_resume_checkpoint(
     save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(method_state, tmp / "method_state.pt")
+    if modules:
+        torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
                 "world_size": ranks.world_size, "config": config, "metrics": metrics}
@@ -243,9 +249,12 @@ def stage_finished(folder: Path) -> bool:
 
 
 def load_resume_checkpoint(
-    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks = SINGLE
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    modules: Mapping[str, nn.Module] | None = None, ranks: Ranks = SINGLE,
 ) -> ResumeState:
     """Returns the loop state of a resume checkpoint after loading weights, optimizer and RNG in place.
+
+    ``modules`` get the weights ``save_resume_checkpoint`` stored for them (the same names).
 
     Call it last before training continues: restoring the RNG must come after anything (model
     building, method setup) that draws random numbers. Exact resume holds at the rank count the
@@ -257,6 +266,12 @@ def load_resume_checkpoint(
         raise ValueError(f"checkpoint {folder} was written by {written_by} processes; this attempt runs "
                          f"{ranks.world_size} (resume with the same resources.gpus)")
     load_trainable_weights(folder, model)
+    if modules:
+        stored = torch.load(folder / "modules.pt", weights_only=True)
+        if set(stored) != set(modules):
+            raise ValueError(f"checkpoint {folder} holds modules {sorted(stored)}, not {sorted(modules)}")
+        for name, module in modules.items():
+            module.load_state_dict(stored[name])
     _load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=True), ranks)
     _restore_rng(torch.load(folder / _rng_file(ranks.rank), weights_only=True))
     return ResumeState(
@@ -329,9 +344,12 @@ def export_adapter(
 
 def export_merged(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, base_model_dir: Path,
-    stage_index: int, step: int, config: dict[str, Any],
+    stage_index: int, step: int, config: dict[str, Any], kind: CheckpointKind = "merged",
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> CheckpointInfo:
     """Returns the info of a full model folder with the adapter merged in (plain ``from_pretrained``).
+
+    ``extra_files`` name -> writer add files (a reward model's head) before the manifest is written.
 
     The merge happens in float32 on a fresh copy of the base loaded from ``base_model_dir`` (the
     training model is left untouched), then the weights are cast back to the base's saved dtype
@@ -350,8 +368,10 @@ def export_merged(
         merged = model
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    manifest = {"kind": "merged", "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, "merged", stage_index, step)
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)
+    manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
+    return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
 
 
 def _export_info(

@@ -3,7 +3,9 @@
 A method (``trainer_core.methods.base.StageMethod``) supplies micro-batches and a summed loss per
 micro-batch; this loop owns the rest: AdamW, gradient accumulation normalised by the step's loss
 units, bf16 autocast on CUDA, clipping, warmup + cosine/linear/constant learning rate, periodic
-evaluation, checkpoints with retention, exact resume and the cooperative stop check.
+evaluation, checkpoints with retention, exact resume and the cooperative stop check. Those cover
+the policy's trainable weights and the method's extra ``trainable_modules`` (PPO's value head)
+alike.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trainer_core.checkpoint import (
 )
 from trainer_core.config import StageBase
 from trainer_core.distributed import SINGLE, Ranks, agree, full_tensor, reshard, sum_across
-from trainer_core.methods.base import Filler, LossOutput, StageMethod
+from trainer_core.methods.base import Filler, LossOutput, StageMethod, weighted_mean
 from trainer_core.modeling import trainable_parameters
 from trainer_core.reporting import Reporter
 
@@ -109,15 +111,14 @@ def _step_totals(
     Metrics are averaged over micro-batches weighted by loss units; the loss is the summed loss over
     the step's units. One all-reduce carries every sum, so N ranks report what one process would.
     """
-    keys = sorted({key for out in outputs for key in out.metrics})
-    weights = [max(out.num_units, 0) for out in outputs]
+    means = weighted_mean((out.metrics, out.num_units) for out in outputs)
+    keys = sorted(means)
+    weight = float(sum(max(out.num_units, 0) for out in outputs))
     local = [sum(_to_float(out.loss.detach()) for out in outputs),
-             float(sum(out.num_units for out in outputs)),
-             float(sum(out.num_tokens for out in outputs)), float(sum(weights))]
-    local += [sum(_to_float(out.metrics[key]) * weight for out, weight in zip(outputs, weights, strict=True)
-                  if key in out.metrics) for key in keys]
+             float(sum(out.num_units for out in outputs)), float(sum(out.num_tokens for out in outputs)),
+             weight, *(means[key] * weight for key in keys)]
     loss_sum, units, tokens, weight, *sums = sum_across(local, ranks, device)
-    metrics = {key: value / (weight or 1) for key, value in zip(keys, sums, strict=True)}
+    metrics = {key: value / (weight or 1.0) for key, value in zip(keys, sums, strict=True)}
     metrics["loss"] = loss_sum / max(units, 1)
     return metrics, round(units), round(tokens)
 
@@ -143,6 +144,14 @@ def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return _to_float(norm)
+
+
+def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Returns the policy's trainable parameters and those of the method's extra modules, by name."""
+    params = trainable_parameters(model)
+    for name, module in modules.items():
+        params |= {f"{name}.{key}": p for key, p in module.named_parameters() if p.requires_grad}
+    return params
 
 
 def _evaluate(
@@ -181,12 +190,14 @@ def train_stage(
     method.setup(model, tokenizer)
     if ranks.distributed:
         reshard(model)
-    params = trainable_parameters(model)
+    modules = method.trainable_modules()
+    params = _trained_parameters(model, modules)
     optimizer = _optimizer(params, stage, device)
     total = method.total_steps
     start_step, last_eval = 0, {}
     if resume_from is not None:
-        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer, ranks=ranks)
+        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer, modules=modules,
+                                       ranks=ranks)
         method.load_state_dict(state.method_state)
         start_step, last_eval = state.step, state.trainer_state.get("last_eval", {})
 
@@ -194,9 +205,9 @@ def train_stage(
         info = save_resume_checkpoint(
             stage_folder, stage_index, step, total_steps=total, model=model, optimizer=optimizer,
             method_state=method.state_dict(), trainer_state={"last_eval": last_eval},
-            config=manifest_config, metrics=eval_metrics, ranks=ranks,
+            config=manifest_config, metrics=eval_metrics, modules=modules, ranks=ranks,
         )
-        if ranks.is_main:
+        if info is not None:  # rank 0
             reporter.on_checkpoint(info)
             for path in prune_checkpoints(stage_folder, checkpoints.keep):
                 reporter.on_checkpoint_removed(path)
@@ -213,7 +224,7 @@ def train_stage(
         metrics, units, tokens = _step_totals(outputs, ranks, device)
         # The micro-batch losses are sums, so dividing the accumulated gradient by the step's unit
         # count makes accumulation exactly one big batch, however the units fell across batches
-        # and ranks. FSDP averages gradients over ranks, hence the world size.
+        # and ranks (FSDP averages gradients over ranks, hence the world size).
         divisor = max(units, 1) / ranks.world_size
         for p in params.values():
             if p.grad is not None:
