@@ -103,7 +103,9 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
         spec = RunSpec.model_validate(spec_json)
         with sessions() as session:
             inputs = resolve_inputs(session, settings, store, team_id, spec)
-        if pipeline is None:
+        if pipeline is None and spec.resources.gpus > 1:
+            from worker.gang import launch_pipeline as pipeline
+        elif pipeline is None:
             from trainer_core.pipeline import run_pipeline as pipeline
         with open_trackers(spec, run_id, work_dir, reporter) as mirrored:
             result = pipeline(

@@ -33,6 +33,7 @@ from app.services.metrics import run_progress
 from app.services.model_refs import resolve_spec_models
 from app.services.owned import get_owned
 from app.services.pagination import paginate
+from app.services.placement import check_fit, waiting_reason
 from app.settings import Settings
 from trainer_core.config import RunSpec
 
@@ -88,9 +89,10 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
     if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key, digest)):
         return existing, False
     spec = check_run_inputs(session, settings, team, spec)
+    estimate, fit_warning = check_fit(session, settings, team, spec)
     run = Run(id=new_id("run"), team_id=team.id, name=spec.name, status="queued", base_model=spec.base_model,
               spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, request_hash=digest,
-              attempt=0, max_attempts=settings.max_attempts)
+              attempt=0, max_attempts=settings.max_attempts, estimate=estimate)
     run.stages = [RunStage(index=i, method=stage.method, status="pending", step=0)
                   for i, stage in enumerate(spec.stages)]
     session.add(run)
@@ -103,6 +105,9 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
             raise
         return existing, False
     session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
+    if fit_warning is not None:
+        session.add(Event(run_id=run.id, attempt=0, kind="fit_unchecked", message=fit_warning,
+                          level="warning"))
     session.commit()
     if not send_task(celery, "tuneyard.train_run", [run.id]):
         log.warning("run %s stays queued until the broker is back (the reaper re-sends it)", run.id)
@@ -116,7 +121,8 @@ def run_out(run: Run) -> RunOut:
     return RunOut(
         id=run.id, name=run.name, status=run.status, base_model=run.base_model, spec=run.spec,
         stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(session, run),
-        attempt=run.attempt, error=run.error, created_at=run.created_at, started_at=run.started_at,
+        attempt=run.attempt, error=run.error, estimate=run.estimate,
+        waiting_reason=waiting_reason(session, run), created_at=run.created_at, started_at=run.started_at,
         finished_at=run.finished_at,
     )
 
