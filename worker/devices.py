@@ -2,7 +2,8 @@
 
 GPUs are read with ``nvidia-smi`` (a separate process: CUDA is never initialised in the worker before
 it forks its pool). Without GPUs the worker offers its CPU cores as devices: a multi-device run then
-trains on that many gloo ranks, each with an equal share of the host's memory.
+trains on that many gloo ranks, which share the host's memory (recorded whole as the memory per
+device; placement sums the ranks' needs on CPU).
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def detect_devices() -> Devices:
     gpus = _gpus()
     if gpus is not None:
         return gpus
-    cores = os.cpu_count() or 1
-    return Devices("cpu", cores, _host_memory_bytes() // cores, "cpu")
+    return Devices("cpu", os.cpu_count() or 1, _host_memory_bytes(), "cpu")
 
 
 def as_worker_host(node: str, devices: Devices) -> WorkerHost:

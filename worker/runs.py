@@ -35,6 +35,7 @@ from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_att
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
+from app.services.placement import claimable_here
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
@@ -42,6 +43,7 @@ from trainer_core.errors import GraderFailure, TrainingDataError
 from trainer_core.grader_config import RewardModelGrader
 from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer
 from trainer_core.model_folders import ModelFolders
+from worker.devices import as_worker_host, detect_devices
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
 
@@ -81,6 +83,9 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
     """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
     owner = f"{socket.gethostname()}:{os.getpid()}"
     with sessions() as session:
+        if not claimable_here(session, run_id, as_worker_host(socket.gethostname(), detect_devices())):
+            # Another worker may hold it: the reaper re-sends queued runs nobody claimed.
+            return "skipped"
         claimed = claim(session, RUN, run_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
                         max_attempts=settings.max_attempts)
         if claimed is None:

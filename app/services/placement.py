@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Run, Team, WorkerHost, utcnow
+from app.db.models import Event, Run, Team, WorkerHost, utcnow
 from app.errors import Unprocessable
 from app.inference.resolution import resolve_model
 from app.settings import Settings
@@ -52,9 +52,16 @@ def live_workers(session: Session, now: datetime | None = None) -> list[WorkerHo
 
 
 def can_hold(worker: WorkerHost, estimate: dict[str, Any]) -> bool:
-    """Returns whether a worker has the devices and the memory per device the estimate needs."""
-    return (worker.device_count >= estimate["devices"]
-            and estimate["peak_memory_bytes_per_device"] <= worker.memory_per_device_bytes * USABLE_MEMORY)
+    """Returns whether a worker has the devices and the memory per device the estimate needs.
+
+    A CPU worker's "devices" are its cores and they share the host's memory (its
+    ``memory_per_device_bytes`` is the whole host's): all the run's ranks must fit in it together.
+    """
+    if worker.device_count < estimate["devices"]:
+        return False
+    peak = estimate["peak_memory_bytes_per_device"]
+    needed = peak * estimate["devices"] if worker.device_kind == "cpu" else peak
+    return needed <= worker.memory_per_device_bytes * USABLE_MEMORY
 
 
 def why_not(workers: list[WorkerHost], estimate: dict[str, Any]) -> str:
@@ -99,6 +106,21 @@ def check_fit(
         raise Unprocessable(f"resources: no registered worker can hold this run: "
                             f"{why_not(workers, estimate)}", code="does_not_fit", param="resources")
     return estimate, None
+
+
+def claimable_here(session: Session, run_id: str, here: WorkerHost) -> bool:
+    """Returns whether this worker may claim the run; records once why not when it cannot hold it."""
+    run = session.get(Run, run_id)
+    if run is None or run.estimate is None or can_hold(here, run.estimate):
+        return True
+    message = f"worker {here.id} cannot hold the run and leaves it queued: {why_not([here], run.estimate)}"
+    last = session.scalar(select(Event.message).where(Event.run_id == run_id)
+                          .order_by(Event.id.desc()).limit(1))
+    if last != message:
+        session.add(Event(run_id=run_id, attempt=run.attempt, kind="waiting_for_capacity", message=message,
+                          level="warning"))
+        session.commit()
+    return False
 
 
 def waiting_reason(session: Session, run: Run) -> str | None:

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.db.models import WorkerHost, utcnow
+from app.services.placement import claimable_here
 from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset
 
 GIB = 2**30
@@ -82,3 +83,22 @@ def test_no_registered_worker_accepts_with_a_warning_and_says_why_it_waits(
     _only_workers(backend, 24)
     reason = client.get(f"/v1/runs/{run_id}", headers=auth).json()["waiting_reason"]
     assert reason.startswith("no live worker can hold the run") and "24.0 GiB" in reason
+
+
+def test_a_worker_that_cannot_hold_a_run_leaves_it_queued_and_says_why_once(
+        backend: Backend, client: TestClient, auth: dict, dataset: str, model_8b: str) -> None:
+    _only_workers(backend, 80)
+    run_id = client.post("/v1/runs", json=_spec(dataset, model_8b, {"type": "lora", "r": 8}, 2048),
+                         headers=auth).json()["id"]
+    small = WorkerHost(id="small-gpu", device_kind="cuda", device_count=1, memory_per_device_bytes=8 * GIB,
+                       device_name="NVIDIA T4")
+    big = WorkerHost(id="big-gpu", device_kind="cuda", device_count=1, memory_per_device_bytes=80 * GIB,
+                     device_name="NVIDIA H100")
+    with backend.app.state.sessions() as session:
+        assert not claimable_here(session, run_id, small)
+        assert not claimable_here(session, run_id, small)
+        assert claimable_here(session, run_id, big)
+    log = client.get(f"/v1/runs/{run_id}/events", headers=auth).json()["data"]
+    waiting = [e for e in log if e["kind"] == "waiting_for_capacity"]
+    assert len(waiting) == 1 and "small-gpu" in waiting[0]["message"] and "8.0 GiB" in waiting[0]["message"]
+    assert client.get(f"/v1/runs/{run_id}", headers=auth).json()["status"] == "queued"
