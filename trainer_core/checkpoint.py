@@ -43,6 +43,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from trainer_core.distributed import SINGLE, Ranks, barrier, copy_full_into, full_tensor
 from trainer_core.modeling import POLICY_ADAPTER, load_base_model, trainable_parameters
 from trainer_core.reporting import CheckpointInfo, CheckpointKind, FileEntry
+from trainer_core.staging import staged_folder
 
 MANIFEST = "manifest.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
@@ -106,13 +107,6 @@ def _finalize(tmp: Path, final: Path, manifest: dict[str, Any]) -> list[FileEntr
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     return files
-
-
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -202,27 +196,28 @@ def save_resume_checkpoint(
     RNG) and returns the info; the other ranks return None.
     """
     final = stage_folder / f"checkpoint-{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
     weights = {name: full_tensor(p.detach()).cpu().contiguous()
                for name, p in trainable_parameters(model).items()}
     optimizer_state = _optimizer_state(model, optimizer, ranks)
-    if ranks.is_main:
-        _fresh_tmp(final)
-    barrier(ranks)
-    torch.save(_rng_state(), tmp / _rng_file(ranks.rank))
-    barrier(ranks)
-    if not ranks.is_main:
-        barrier(ranks)
-        return None
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(method_state, tmp / "method_state.pt")
-    if modules:
-        torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
                 "world_size": ranks.world_size, "config": config, "metrics": metrics}
-    files = _finalize(tmp, final, manifest)
+    if not ranks.is_main:
+        barrier(ranks)  # rank 0 created the folder
+        torch.save(_rng_state(), final.with_name(final.name + ".tmp") / _rng_file(ranks.rank))
+        barrier(ranks)  # every rank's RNG is in: rank 0 seals the folder
+        barrier(ranks)  # sealed
+        return None
+    with staged_folder(final) as tmp:
+        barrier(ranks)
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / _rng_file(ranks.rank))
+        torch.save(method_state, tmp / "method_state.pt")
+        if modules:
+            torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
+        barrier(ranks)
+        files = _finalize(tmp, final, manifest)
     barrier(ranks)
     return CheckpointInfo(stage_index=stage_index, step=step, kind="resume", path=final, files=files,
                           metrics=dict(metrics))
@@ -333,13 +328,13 @@ def export_adapter(
     config: dict[str, Any],
 ) -> CheckpointInfo:
     """Returns the info of a PEFT adapter folder (loads with ``PeftModel.from_pretrained``)."""
-    tmp = _fresh_tmp(out_dir)
-    # The base vocabulary is never resized, so the adapter needs no copy of the embedding layers
-    # (peft would add one whenever lm_head is a LoRA target).
-    model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
-    tokenizer.save_pretrained(tmp)
     manifest = {"kind": "adapter", "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, "adapter", stage_index, step)
+    with staged_folder(out_dir) as tmp:
+        # The base vocabulary is never resized, so the adapter needs no copy of the embedding layers
+        # (peft would add one whenever lm_head is a LoRA target).
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        return _export_info(tmp, out_dir, manifest, "adapter", stage_index, step)
 
 
 def export_merged(
@@ -355,7 +350,6 @@ def export_merged(
     training model is left untouched), then the weights are cast back to the base's saved dtype
     so a bf16 base does not come back twice its size.
     """
-    tmp = _fresh_tmp(out_dir)
     if isinstance(model, PeftModel):
         saved_dtype = AutoConfig.from_pretrained(base_model_dir).dtype or torch.float32
         fresh = load_base_model(base_model_dir, torch.float32, torch.device("cpu"))
@@ -366,12 +360,13 @@ def export_merged(
         merged = clone.merge_and_unload().to(saved_dtype)
     else:
         merged = model
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name, write in (extra_files or {}).items():
-        write(tmp / name)
     manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
+    with staged_folder(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
 
 
 def _export_info(

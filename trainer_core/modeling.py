@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.distributed import reshard
+from trainer_core.errors import TrainingDataError
+from trainer_core.model_folders import missing_target_modules
+from trainer_core.staging import staged_folder
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -77,7 +80,16 @@ def load_policy(
         target_modules=adapter.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    if isinstance(adapter.target_modules, list):
+        # peft ignores a target that matches nothing as long as another one matches.
+        linear = {name for name, module in base.named_modules()
+                  if getattr(getattr(module, "weight", None), "ndim", 0) == 2}
+        if missing := missing_target_modules(adapter.target_modules, linear):
+            raise TrainingDataError(f"adapter.target_modules: the base model has no module {missing[0]!r}")
+    try:
+        return get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    except ValueError as exc:  # peft refuses a target it cannot adapt (a norm layer, say)
+        raise TrainingDataError(f"adapter.target_modules: {exc}") from exc
 
 
 def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
@@ -85,18 +97,17 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
 
     Written under a temporary name and renamed, so a crash never leaves a half-written folder.
     """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, PeftModel):
-        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
-    else:
-        model.save_pretrained(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
