@@ -4,6 +4,7 @@ worker registered, and the reason a queued run waits."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy import update
 
 from app.db.models import WorkerHost, utcnow
 from app.services.placement import claimable_here
-from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset
+from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset, write_model_folder
 
 GIB = 2**30
 LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -22,8 +23,10 @@ LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "i
 @pytest.fixture
 def model_8b(backend: Backend) -> str:
     folder = backend.settings.base_models_dir / "llama-8b-shape"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    if not folder.exists():
+        # A loadable-looking folder (weights header, tokenizer) whose config has an 8B model's sizes.
+        write_model_folder(folder)
+        (folder / "config.json").write_text(json.dumps(LLAMA_8B))
     return "llama-8b-shape"
 
 
@@ -81,7 +84,11 @@ def test_no_registered_worker_accepts_with_a_warning_and_says_why_it_waits(
     assert "no worker is running" in client.get(f"/v1/runs/{run_id}", headers=auth).json()["waiting_reason"]
 
     _only_workers(backend, 24)
-    reason = client.get(f"/v1/runs/{run_id}", headers=auth).json()["waiting_reason"]
+    # GET answers from a snapshot up to its ttl old.
+    deadline = time.monotonic() + 10
+    while (reason := client.get(f"/v1/runs/{run_id}", headers=auth).json()["waiting_reason"]).startswith(
+            "no worker is running") and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert reason.startswith("no live worker can hold the run") and "24.0 GiB" in reason
 
 
