@@ -19,7 +19,7 @@ from functools import cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import WorkerHost, utcnow
-from app.services.placement import WORKER_HEARTBEAT_SECONDS
+from app.jobs.placement import WORKER_HEARTBEAT_SECONDS
 
 log = logging.getLogger("tuneyard.worker.devices")
 

@@ -32,10 +32,10 @@ from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import find_model
 from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, end_attempt, requeue_attempt, take
+from app.jobs.placement import claimable_here
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
-from app.services.placement import claimable_here
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore, is_disk_full
 from trainer_core.config import RunSpec

@@ -25,6 +25,7 @@ from app.db.models import Dataset, Event, Run, RunStage, Team
 from app.errors import Conflict
 from app.ids import is_id, new_id
 from app.jobs.lease import add_event
+from app.jobs.placement import check_fit, waiting_reason
 from app.jobs.states import RUN, IllegalTransition, transition_atomically
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
@@ -33,7 +34,6 @@ from app.services.metrics import run_progress
 from app.services.model_refs import resolve_spec_models
 from app.services.owned import get_owned
 from app.services.pagination import paginate
-from app.services.placement import check_fit, waiting_reason
 from app.services.snapshots import SnapshotCache
 from app.settings import Settings
 from trainer_core.config import RunSpec

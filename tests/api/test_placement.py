@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.db.models import WorkerHost, utcnow
-from app.services.placement import claimable_here
+from app.jobs.placement import claimable_here
 from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset, write_model_folder
 
 GIB = 2**30
