@@ -145,6 +145,9 @@ class DPOStage(StageBase):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    disable_dropout: bool = Field(
+        True, description="train the policy without dropout, as the reference runs (TRL's default)"
+    )
 
     @field_validator("label_smoothing")
     @classmethod

@@ -26,7 +26,7 @@ from trainer_core.methods.base import (
     stage_steps,
     weighted_mean,
 )
-from trainer_core.modeling import label_logits
+from trainer_core.modeling import disable_dropout, label_logits
 
 # Pairs per reference forward in setup: bounded memory, independent of the training batch size.
 _REFERENCE_CHUNK = 16
@@ -102,6 +102,10 @@ class DPOMethod(MethodDefaults):
         return torch.cat(chosen), torch.cat(rejected)
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.stage.disable_dropout:
+            # The reference runs without dropout; a policy with it would not match the reference
+            # even before its first update (step-1 margins != 0).
+            disable_dropout(model)
         # The reference never changes during the stage, so its log-probs are computed once. On
         # resume the same stage-start weights give the same numbers.
         self._ref = {"train": self._reference_logps(model, self.train_pairs),
@@ -121,8 +125,15 @@ class DPOMethod(MethodDefaults):
     def _loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         logps = sequence_logps(model, batch.inputs, batch.labels)
         n = batch.ref_chosen.shape[0]
+        ref_chosen, ref_rejected = batch.ref_chosen.to(logps.device), batch.ref_rejected.to(logps.device)
+        if self.stage.loss_type == "ipo":
+            # IPO's target margin 1/(2 beta) is on log-probs averaged over completion tokens (the
+            # IPO paper, TRL); sums would make it depend on completion length.
+            counts = (batch.labels != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(logps.device)
+            logps = logps / counts
+            ref_chosen, ref_rejected = ref_chosen / counts[:n], ref_rejected / counts[n:]
         return dpo_loss(
-            logps[:n], logps[n:], batch.ref_chosen.to(logps.device), batch.ref_rejected.to(logps.device),
+            logps[:n], logps[n:], ref_chosen, ref_rejected,
             beta=self.stage.beta, loss_type=self.stage.loss_type,
             label_smoothing=self.stage.label_smoothing, reduction="sum",
         )
