@@ -15,7 +15,7 @@ from trainer_core.grader_config import StageReward
 from trainer_core.reward_config import ExactMatchReward
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
-Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
+Method = Literal["sft", "dpo", "ppo", "grpo", "sad", "reward_model"]
 
 # Which dataset formats each stage method can train on.
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
@@ -24,6 +24,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "ppo": ("prompts",),
     "grpo": ("prompts",),
     "sad": ("trajectories",),
+    "reward_model": ("preference",),
 }
 
 
@@ -77,7 +78,7 @@ class PromptCurriculum(_Strict):
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
 # fine-tuning moves every weight: a stage that leaves learning_rate unset gets these 10x lower rates.
 FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
-    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5,
+    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5, "reward_model": 1e-5,
 }
 LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
 
@@ -155,6 +156,18 @@ class DPOStage(StageBase):
         if v and info.data.get("loss_type") == "ipo":
             raise ValueError("label_smoothing applies to loss_type 'sigmoid' only (cDPO); IPO has none")
         return v
+
+
+class RewardModelStage(StageBase):
+    """A reward model: the base architecture + scalar head, trained with Bradley-Terry on preference pairs.
+
+    Its model scores sequences; it is not a policy a later stage could continue, so it is the only
+    stage of its run, which exports a ``reward_model`` checkpoint for ``reward_model`` graders.
+    """
+
+    method: Literal["reward_model"]
+    learning_rate: float = Field(1e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
+    disable_dropout: bool = Field(True, description="train without dropout (TRL's default)")
 
 
 class _RolloutStage(StageBase):
@@ -282,7 +295,7 @@ class SADStage(StageBase):
 
 
 Stage = Annotated[
-    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage, Field(discriminator="method")
+    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage | RewardModelStage, Field(discriminator="method")
 ]
 
 
@@ -313,7 +326,7 @@ class RunSpec(_Strict):
     stages: list[Stage] = Field(min_length=1, max_length=16)
     checkpoint_every_steps: int | None = Field(200, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    export: list[Literal["adapter", "merged"]] = ["adapter"]
+    export: list[Literal["adapter", "merged", "reward_model"]] = ["adapter"]
     integrations: Integrations = Integrations()
 
     @model_validator(mode="after")
@@ -326,6 +339,21 @@ class RunSpec(_Strict):
                 for stage in self.stages
             ]
             object.__setattr__(self, "stages", stages)
+        return self
+
+    @model_validator(mode="after")
+    def _reward_model_alone(self) -> RunSpec:
+        trains_reward_model = any(isinstance(stage, RewardModelStage) for stage in self.stages)
+        if trains_reward_model and len(self.stages) > 1:
+            raise ValueError(
+                "a reward_model stage must be the only stage of its run: its model scores sequences and "
+                "no later stage can continue it; train the policy in another run whose reward is "
+                '{"type": "reward_model", "model": "<this run\'s checkpoint id>"}'
+            )
+        if trains_reward_model and "export" not in self.model_fields_set:
+            object.__setattr__(self, "export", ["reward_model"])
+        if trains_reward_model != (self.export == ["reward_model"]):
+            raise ValueError("export ['reward_model'] goes with a reward_model stage, and only with one")
         return self
 
     @model_validator(mode="after")

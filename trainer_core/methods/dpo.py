@@ -58,6 +58,20 @@ def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: st
     return kept
 
 
+def collate_pairs(
+    pairs: Sequence[Pair], pad_token_id: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Returns (model inputs, labels) of the pairs' chosen rows, then their rejected rows.
+
+    Chosen and rejected go through one forward (concatenated) so both see the same weights, and
+    the batch is twice as wide instead of two passes.
+    """
+    examples = [p[0] for p in pairs] + [p[1] for p in pairs]
+    batch = collate_padded(examples, pad_token_id)
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    return {k: v.to(device) for k, v in inputs.items()}, batch["labels"].to(device)
+
+
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Returns [B] summed completion-token log-probs of each row (LM head on completion tokens only)."""
     keep = labels != IGNORE_INDEX
@@ -80,13 +94,7 @@ class DPOMethod(MethodDefaults):
         self._ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _collate(self, pairs: Sequence[Pair]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        # Chosen and rejected go through one forward (concatenated) so both see the same weights
-        # and dropout stream, and the batch is twice as wide instead of two passes.
-        examples = [p[0] for p in pairs] + [p[1] for p in pairs]
-        batch = collate_padded(examples, self.ctx.tokenizer.pad_token_id)
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        device = self.ctx.device
-        return {k: v.to(device) for k, v in inputs.items()}, batch["labels"].to(device)
+        return collate_pairs(pairs, self.ctx.tokenizer.pad_token_id, self.ctx.device)
 
     def _reference_logps(self, model: nn.Module, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         chosen, rejected = [], []
