@@ -43,16 +43,17 @@ from app.storage import LocalBlobStore, sweep_tmp_forever
 
 log = logging.getLogger("tuneyard.api")
 
-# Every router of the API; a new resource is one line here.
+# Every router of the API; a new resource is one line here. A request is matched against the
+# routes in this order, so the polled ones (run status, metrics) come first.
 ROUTERS: list[APIRouter] = [
+    runs.router,
+    metrics.router,
     ops.router,
     models.router,
     datasets.router,
-    runs.router,
     dashboard.router,
     inference.router,
     evals.router,
-    metrics.router,
     stream.router,
     checkpoints.router,
     graders.router,

@@ -15,7 +15,7 @@ by round, each with the same connections, warm-up and duration:
 - metrics       GET /v1/runs/{id}/metrics?after_step=N    (a chart polling for its newest points)
 - metrics_full  GET /v1/runs/{id}/metrics                 (a chart's first load: 13 series, ≤1000 points)
 - metrics_full_uncached  the same on a second `tuneyard api` with the snapshot cache off
-                (TUNEYARD_API_SNAPSHOT_SECONDS=0): the load's cost when no other dashboard opened the run
+                (TUNEYARD_API_SNAPSHOT_SECONDS=0), one connection: a first load nobody shares
 Prints req/s, p50 and p99 of each, and the ratios to the ceiling. `--profile` also samples the API
 process with py-spy under the run and metrics loads and prints the hottest frames.
 """
@@ -43,6 +43,7 @@ from sqlalchemy.orm import sessionmaker
 BENCH = Path(__file__).resolve().parent
 TARGETS = ["ceiling", "one_query", "run", "metrics", "metrics_full", "metrics_full_uncached"]
 RUN_SHARE, RUN_P99, METRICS_SHARE, CHART_CPU_MS = 0.50, 3.0, 0.30, 50.0
+SINGLE_CONNECTION = {"metrics_full_uncached"}
 TRAIN_STEPS, POLL_WINDOW = 2_000, 20
 
 
@@ -353,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                     port, path = urls[target]
                     server = psutil.Process(next(s.process.pid for s in services.values() if s.port == port))
                     cpu_before = sum(server.cpu_times()[:2])
-                    r = load(port, path, auth, args)
+                    # One dashboard opening a run nobody else has open: a single connection.
+                    alone = argparse.Namespace(**{**vars(args), "connections": 1})
+                    r = load(port, path, auth, alone if target in SINGLE_CONNECTION else args)
                     # Server CPU per request: steadier than req/s when neighbours take the cores.
                     cpu = sum(server.cpu_times()[:2]) - cpu_before
                     answered = r["req_per_s"] * (args.warmup + args.duration)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import create_celery, send_task
-from app.db.models import Dataset, Run, Team, utcnow
+from app.db.models import Dataset, Run, Team
 from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import find_model
-from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_attempt, requeue_attempt
+from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, end_attempt, requeue_attempt, take
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
@@ -84,21 +83,14 @@ def train_run(run_id: str) -> str:
 def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
                 celery: Celery, pipeline: Callable[..., Any] | None = None) -> str:
     """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    taken = take(sessions, RUN, run_id, settings)
+    if taken is None:
+        return "skipped"
+    claimed, lease = taken
     with sessions() as session:
-        claimed = claim(session, RUN, run_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
-                        max_attempts=settings.max_attempts)
-        if claimed is None:
-            run = session.get(Run, run_id)
-            log.info("run %s: not claimed (%s); this delivery exits", run_id,
-                     f"{run.status}, attempt {run.attempt}" if run else "no such run")
-            return "skipped"
         run = session.get(Run, run_id)
         assert run is not None
         spec_json, team_id, num_stages = run.spec, run.team_id, len(run.stages)
-    log.info("run %s: attempt %d claimed by %s", run_id, claimed.attempt, owner)
-    lease = Lease(sessions, RUN, run_id, claimed.attempt,
-                  heartbeat_seconds=settings.heartbeat_seconds).start()
     reporter = DbReporter(sessions, store.root, claimed, team_id, lease, num_stages=num_stages)
     work_dir = store.path_for(work_dir_key(run_id))
     try:

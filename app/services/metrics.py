@@ -20,7 +20,6 @@ from sqlalchemy import and_, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Metric, MetricSeriesName, Run, Team
 from app.ids import is_id
@@ -137,12 +136,8 @@ async def metrics_json(sessions: sessionmaker[Session], cache: SnapshotCache, te
                        query: SeriesQuery) -> bytes:
     """Returns the JSON of `query_series` for the team's run, from the snapshot cache while the run
     has not moved (see app.services.snapshots) — a finished run's chart is computed once."""
-    owner = cache.owner(run_id)
-    if owner is not None and owner != team.id:
-        raise not_found(Run, run_id)
-    if owner is not None and (body := cache.fresh(run_id, query)) is not None:
-        return body
-    return await run_in_threadpool(_load_metrics_json, sessions, cache, team, run_id, query)
+    return await cache.answer(run_id, query, team.id,
+                              lambda: _load_metrics_json(sessions, cache, team, run_id, query))
 
 
 @dataclass(frozen=True)

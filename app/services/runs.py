@@ -19,7 +19,6 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
@@ -32,7 +31,7 @@ from app.schemas.runs import EventOut, RunOut, StageOut
 from app.services.datasets import check_usable
 from app.services.metrics import run_progress
 from app.services.model_refs import resolve_spec_models
-from app.services.owned import get_owned, not_found
+from app.services.owned import get_owned
 from app.services.pagination import paginate
 from app.services.snapshots import SnapshotCache
 from app.settings import Settings
@@ -110,12 +109,7 @@ def run_out(run: Run) -> RunOut:
 async def run_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str) -> bytes:
     """Returns the JSON of the team's run: from the snapshot cache (no thread hop, no query) or from
     one SELECT of the run with its stages."""
-    owner = cache.owner(run_id)
-    if owner is not None and owner != team.id:
-        raise not_found(Run, run_id)
-    if owner is not None and (body := cache.fresh(run_id, "run")) is not None:
-        return body
-    return await run_in_threadpool(_load_run_json, sessions, cache, team, run_id)
+    return await cache.answer(run_id, "run", team.id, lambda: _load_run_json(sessions, cache, team, run_id))
 
 
 def _load_run_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str) -> bytes:

@@ -9,21 +9,27 @@ or is recomputed. A state change this process makes (cancel, resume) drops the r
 once; a worker's changes show within `ttl`.
 
 Which team owns a run never changes, so it is remembered (bounded) and checked on every hit.
+Under many pollers an expiring entry would send all of them to the database at once; one load
+per (run, answer, team) runs at a time (`answer`), and meanwhile the others get the entry they
+had — stale by at most that one load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Run, RunStage
+from app.services.owned import not_found
 
 MAX_RUNS = 4096  # runs with cached answers; the least recently used are dropped beyond it
 
@@ -52,18 +58,33 @@ class SnapshotCache:
         self.ttl = ttl
         self._runs: OrderedDict[str, dict[Hashable, Snapshot]] = OrderedDict()
         self._owners: OrderedDict[str, str] = OrderedDict()
+        self._flights: dict[tuple[str, Hashable, str], asyncio.Future[bytes]] = {}
         self._lock = threading.Lock()
 
-    def owner(self, run_id: str) -> str | None:
-        """Returns the id of the team that owns the run, if this process has seen it."""
-        return self._owners.get(run_id)
+    async def answer(self, run_id: str, key: Hashable, team_id: str, load: Callable[[], bytes]) -> bytes:
+        """Returns the team's cached answer `key` about the run, or runs `load` (in a thread; it checks
+        ownership and fills the cache) — once at a time per answer, the others served what there is."""
+        owner = self._owners.get(run_id)
+        if owner is not None and owner != team_id:
+            raise not_found(Run, run_id)
+        snapshot = self._runs.get(run_id, {}).get(key) if owner is not None else None
+        if snapshot is not None and snapshot.fresh_until >= time.monotonic():
+            return snapshot.body
+        flight_key = (run_id, key, team_id)
+        flight = self._flights.get(flight_key)
+        if flight is not None and snapshot is not None:
+            return snapshot.body
+        if flight is None:
+            flight = asyncio.ensure_future(run_in_threadpool(load))
+            self._flights[flight_key] = flight
+            flight.add_done_callback(lambda done: self._landed(flight_key, done))
+        # shielded: a client that goes away does not cancel the load the others wait for
+        return await asyncio.shield(flight)
 
-    def fresh(self, run_id: str, key: Hashable) -> bytes | None:
-        """Returns the body of an entry younger than `ttl`, or None."""
-        snapshot = self._runs.get(run_id, {}).get(key)
-        if snapshot is None or snapshot.fresh_until < time.monotonic():
-            return None
-        return snapshot.body
+    def _landed(self, flight_key: tuple[str, Hashable, str], done: asyncio.Future[bytes]) -> None:
+        self._flights.pop(flight_key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, raised to whoever awaited it
 
     def stale(self, run_id: str, key: Hashable, version: Hashable) -> bytes | None:
         """Returns the body of an entry computed at `version` (made fresh again), or None."""
