@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter
-from trainer_core.data import IGNORE_INDEX
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -121,20 +121,33 @@ def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def label_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Returns logits [N, V] at the N positions whose label is not IGNORE_INDEX, in row-major order.
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the LM head is applied to, so losses can project a chunk of positions at a time.
 
-    ``labels`` [B, T] are already shifted (``labels[:, t]`` is the target of position t, as
-    ``trainer_core.data.packing`` builds them). Only those positions go through the LM head:
-    prompt, padding and packing-boundary tokens never get full-vocabulary logits (with a small
-    model the head is a large share of the FLOPs).
+    ``hidden`` [B, T, H]: the backbone's last hidden states; ``head`` maps them to ``vocab`` logits.
+    ``head_weight``: the head's weight when it is a plain bias-free linear layer (fused kernels
+    take it), else None. For a model that post-processes its logits (see ``output_projection``),
+    ``hidden`` holds the logits themselves and ``head`` is the identity.
     """
-    keep = labels != IGNORE_INDEX
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+    vocab: int
+    head_weight: torch.Tensor | None
+
+
+def head_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> HeadInputs:
+    """Returns the backbone's output for ``inputs`` and the head that turns it into logits."""
     parts = output_projection(model)
     if parts is None:
-        return model(**inputs).logits[keep]
+        logits = model(**inputs).logits
+        return HeadInputs(logits, nn.Identity(), logits.shape[-1], None)
     backbone, head = parts
-    return head(backbone(**inputs).last_hidden_state[keep])
+    # A LoRA-wrapped or 4-bit head is not a plain linear layer: fused kernels would skip its adapter.
+    plain = type(head) is nn.Linear and head.bias is None
+    vocab = int(getattr(head, "out_features", 0) or model.config.get_text_config().vocab_size)
+    return HeadInputs(backbone(**inputs).last_hidden_state, head, vocab, head.weight if plain else None)
 
 
 def _rng_devices(device: torch.device) -> list[int]:

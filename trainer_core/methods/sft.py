@@ -8,7 +8,8 @@ longest example (best-fit decreasing) with a block-diagonal causal mask, so no c
 padding while the attention span stays that of one example (the dense L×L mask costs O(L²) per
 row on sdpa, so packing short examples into one max_seq_len row would make attention the
 bottleneck of a small model). Without packing, micro-batches are length-grouped and padded.
-Either way the LM head runs only at trained positions.
+Either way the LM head runs only at trained positions, a chunk of positions at a time
+(``trainer_core.losses.chunked``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
 from trainer_core.data.render import RenderedExample, render_sft
 from trainer_core.errors import TrainingDataError
-from trainer_core.losses.sft import sft_loss
+from trainer_core.losses.sft import sft_loss_from_hidden
 from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
     EpochStream,
@@ -36,7 +37,7 @@ from trainer_core.methods.base import (
     StageContext,
     shuffled_chunks,
 )
-from trainer_core.modeling import label_logits
+from trainer_core.modeling import head_inputs
 from trainer_core.spans import trajectory_token_spans
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -118,10 +119,10 @@ class SFTMethod:
         return [self._collate([self.train[i] for i in indices]) for indices in chunks]
 
     def _summed_loss(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, Any], int]:
-        keep = batch.labels != IGNORE_INDEX
-        loss, metrics = sft_loss(label_logits(model, batch.inputs, batch.labels), batch.labels[keep],
-                                 reduction="sum")
-        return loss, metrics, int(keep.sum())
+        out = head_inputs(model, batch.inputs)
+        loss, metrics = sft_loss_from_hidden(out.hidden, out.head, batch.labels, vocab=out.vocab,
+                                             reduction="sum", head_weight=out.head_weight)
+        return loss, metrics, int((batch.labels != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: TokenBatch, step: int) -> LossOutput:
         loss, metrics, units = self._summed_loss(model, batch)
