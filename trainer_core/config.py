@@ -48,13 +48,26 @@ class LoraAdapter(_Strict):
         return v
 
 
+class QLoraAdapter(LoraAdapter):
+    """LoRA over a base quantised to 4 bits with bitsandbytes (QLoRA, arXiv 2305.14314).
+
+    The adapter trains in fp32 (bf16 autocast on CUDA) over the frozen 4-bit base. Exports: the
+    adapter (loads over the ordinary bf16/fp32 base) and a merged model whose base weights are the
+    dequantised 4-bit ones the adapter was trained against (the manifest's ``merged_base`` says so).
+    """
+
+    type: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param)")
+
+
 class FullAdapter(_Strict):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
     type: Literal["full"] = "full"
 
 
-Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
+Adapter = Annotated[LoraAdapter | QLoraAdapter | FullAdapter, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- stages
@@ -302,6 +315,10 @@ class RunSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     base_model: str = Field(min_length=1)
     adapter: Adapter = LoraAdapter()
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass (non-reentrant); default: on for "
+        "CUDA workers, off on CPU"
+    )
     seed: int = 0
     stages: list[Stage] = Field(min_length=1, max_length=16)
     checkpoint_every_steps: int | None = Field(200, ge=1)
@@ -324,7 +341,9 @@ class RunSpec(_Strict):
     @model_validator(mode="after")
     def _export_matches_adapter(self) -> RunSpec:
         if isinstance(self.adapter, FullAdapter) and "adapter" in self.export:
-            raise ValueError("export 'adapter' needs adapter.type 'lora'; full fine-tuning exports 'merged'")
+            raise ValueError(
+                "export 'adapter' needs adapter.type 'lora' or 'qlora'; full fine-tuning exports 'merged'"
+            )
         if not self.export:
             raise ValueError("export must name at least one of 'adapter', 'merged'")
         return self

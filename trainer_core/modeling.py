@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -12,9 +13,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from trainer_core.config import Adapter, FullAdapter, LoraAdapter
+from trainer_core.config import Adapter, FullAdapter, LoraAdapter, QLoraAdapter
+from trainer_core.errors import TrainingDataError
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -28,15 +30,26 @@ def choose_device(device: str = "auto") -> torch.device:
 
 
 def base_dtype(adapter: Adapter, device: torch.device) -> torch.dtype:
-    """Returns the dtype to hold frozen base weights in.
+    """Returns the dtype to hold the policy's base weights in.
 
     LoRA on GPU keeps the frozen base in bf16 (half the memory; autocast computes in bf16 anyway)
-    while the trainable LoRA weights stay fp32. Full fine-tuning keeps fp32 master weights, and CPU
-    runs stay fp32 throughout (bf16 matmuls are slow on most CPUs and break exact-resume tests).
+    while the trainable LoRA weights stay fp32 (QLoRA's base is 4-bit, its compute dtype bf16).
+    Full fine-tuning keeps fp32 master weights under bf16 autocast: 4 bytes of weight + 4 of
+    gradient + 8 of AdamW state = 16 bytes per parameter (a 0.5B model: 8 GB; an 8B model does
+    not fit one 80 GB GPU this way, which is what LoRA/QLoRA are for). CPU runs stay fp32
+    throughout (bf16 matmuls are slow on most CPUs and break exact-resume tests).
     """
     if device.type == "cuda" and isinstance(adapter, LoraAdapter):
         return torch.bfloat16
     return torch.float32
+
+
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """Returns the dtype of models that never train (SAD teacher, full fine-tuning's reference).
+
+    bf16 on CUDA: they only run forward passes, which autocast computes in bf16 anyway.
+    """
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -47,10 +60,75 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Returns a causal LM loaded from a folder (sdpa attention: it honours 4D packing masks)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device)
+def load_base_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, quantize: QLoraAdapter | None = None
+) -> nn.Module:
+    """Returns a causal LM loaded from a folder (sdpa attention: it honours 4D packing masks).
+
+    ``quantize``: load the linear layers (not the LM head or embeddings) as 4-bit bitsandbytes
+    weights, computing in ``dtype``.
+    """
+    if quantize is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        return model.to(device)
+    if not quantization_available():
+        raise TrainingDataError(
+            "adapter.type 'qlora' needs the bitsandbytes package on the worker; install it or use 'lora'"
+        )
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type,
+        bnb_4bit_use_double_quant=quantize.double_quant, bnb_4bit_compute_dtype=dtype,
+    )
+    placement = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa", quantization_config=config, device_map=placement
+    )
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # On AVX512-BF16 CPUs bitsandbytes repacks the 4-bit weights in place at the first
+            # eval-mode forward and computes in bf16 from then on: evaluation would change the
+            # numbers of every later training step (and break exact resume). One kernel throughout.
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def quantization_available() -> bool:
+    """Returns whether bitsandbytes (4-bit weights for QLoRA) can be imported here."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns the float32 weights of every 4-bit linear layer of ``model``, by plain-model module name.
+
+    These are the weights a QLoRA adapter was trained against; empty for an unquantised model.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    out: dict[str, torch.Tensor] = {}
+    for name, module in inner.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        import bitsandbytes.functional as bnb_functional
+
+        plain = name.removesuffix(".base_layer")
+        out[plain] = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+    return out
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool | None, device: torch.device) -> bool:
+    """Returns whether activation checkpointing is on after applying the run's setting to ``model``.
+
+    ``None`` means on for CUDA (activations of long rows dominate GPU memory) and off on CPU
+    (where memory is plentiful and the recompute costs a third more time). Non-reentrant
+    checkpointing: it needs no ``requires_grad`` input (frozen embeddings under LoRA), works with
+    the LoRA dropout (RNG state is replayed on recompute) and gives the same gradients.
+    """
+    on = device.type == "cuda" if enabled is None else enabled
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    return on
 
 
 def load_policy(
@@ -65,7 +143,8 @@ def load_policy(
         model = load_base_model(start_dir or base_model_dir, torch.float32, device)
         model.requires_grad_(True)
         return model
-    base = load_base_model(base_model_dir, base_dtype(adapter, device), device)
+    quantize = adapter if isinstance(adapter, QLoraAdapter) else None
+    base = load_base_model(base_model_dir, base_dtype(adapter, device), device, quantize)
     if start_dir is not None:
         return PeftModel.from_pretrained(base, start_dir, adapter_name=POLICY_ADAPTER, is_trainable=True)
     lora = LoraConfig(
@@ -191,7 +270,7 @@ class ReferencePolicy:
                     yield model
                 else:
                     if self._frozen is None:
-                        self._frozen = load_base_model(self.start_dir, torch.float32, self.device)
+                        self._frozen = load_base_model(self.start_dir, frozen_dtype(self.device), self.device)
                         self._frozen.requires_grad_(False).eval()
                     yield self._frozen
         finally:

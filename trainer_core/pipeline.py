@@ -34,6 +34,7 @@ from trainer_core.modeling import (
     load_policy,
     load_tokenizer,
     save_policy_weights,
+    set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
 
@@ -149,6 +150,7 @@ def run_pipeline(
             if model is not None:
                 save_policy_weights(model, start)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)
+        checkpointing = set_gradient_checkpointing(model, spec.gradient_checkpointing, torch_device)
         train, held_out = datasets.stage_split(stage, index, spec.seed)
         ctx = StageContext(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
@@ -157,7 +159,8 @@ def run_pipeline(
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
-                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
+                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps,
+                           "gradient_checkpointing": checkpointing})
         outcome = train_stage(
             model, method, stage, stage_index=index, stage_folder=folder, tokenizer=tokenizer,
             checkpoints=checkpoints, reporter=reporter, device=torch_device,

@@ -24,7 +24,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer_core.errors import TrainingDataError
+from trainer_core.losses.chunked import map_logit_chunks
 from trainer_core.losses.sad import DenseTeacher, SparseTeacher, Teacher
+from trainer_core.modeling import frozen_dtype, head_inputs
 from trainer_core.spans import TokenizedTrajectory
 
 # Printable ASCII text for the SGLang vocabulary probe: its tokens decode to the same strings in
@@ -111,17 +113,17 @@ def stored_teacher(
     return TeacherBatch(SparseTeacher(ids, logprobs), available)
 
 
-def _load_teacher_model(model_path: Path) -> tuple[torch.nn.Module, Path]:
+def _load_teacher_model(model_path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Path]:
     """Returns the teacher model (base, merged, or adapter over its base) and the folder of its tokenizer."""
     adapter_config = model_path / "adapter_config.json"
     if not adapter_config.exists():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), model_path
     base_path = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
     if not base_path.is_dir():
         raise TrainingDataError(
             f"teacher adapter {model_path} was trained on base model {base_path}, which is not available here"
         )
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     model = PeftModel.from_pretrained(base, model_path)
     has_tokenizer = (model_path / "tokenizer_config.json").exists()
     return model, model_path if has_tokenizer else base_path
@@ -136,7 +138,7 @@ class LocalTeacher:
     def __init__(self, model_path: Path | str, top_k: int | None, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.top_k = top_k
-        model, tokenizer_dir = _load_teacher_model(Path(model_path))
+        model, tokenizer_dir = _load_teacher_model(Path(model_path), frozen_dtype(self.device))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.name = str(model_path)
@@ -148,14 +150,21 @@ class LocalTeacher:
     @torch.no_grad()
     def distributions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherBatch:
         """Returns the teacher's distribution at every real position of a right-padded batch."""
-        logits = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).logits.float()
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
         available = attention_mask.bool().to(self.device)
         if self.top_k is None:
-            return TeacherBatch(DenseTeacher(logits), available)
-        logprobs, ids = logits.log_softmax(dim=-1).topk(self.top_k, dim=-1)
-        return TeacherBatch(SparseTeacher(ids, logprobs), available)
+            return TeacherBatch(DenseTeacher(self.model(**inputs).logits.float()), available)
+        out = head_inputs(self.model, inputs)
+        top_k = self.top_k
+
+        def top(logits: torch.Tensor, where: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return logits.float().log_softmax(dim=-1).topk(top_k, dim=-1)
+
+        # A chunk of positions at a time: the full-vocabulary log-softmax of a long batch is never held.
+        flat = out.hidden.reshape(-1, out.hidden.shape[-1])
+        logprobs, ids = map_logit_chunks(flat, out.head, top, out.vocab)
+        shape = (*input_ids.shape, top_k)
+        return TeacherBatch(SparseTeacher(ids.view(shape), logprobs.view(shape)), available)
 
 
 class SGLangTeacher:
