@@ -26,6 +26,7 @@ from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import is_id, new_id
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
+from app.services.deployment import check_deployment_runs
 from app.services.metrics import run_progress
 from app.services.models import base_model_dir, finished_checkpoint
 from app.services.pagination import paginate
@@ -82,6 +83,7 @@ def check_run_inputs(session: Session, settings: Settings, team: Team, spec: Run
         if stage.eval_dataset:
             _check_dataset(found.get(stage.eval_dataset), stage.eval_dataset, stage.method,
                            f"stages[{i}].eval_dataset")
+    check_deployment_runs(settings, spec)
     if base_model_dir(settings, spec.base_model) is None and finished_checkpoint(
             session, team, spec.base_model) is None:
         raise Unprocessable(f"base_model {spec.base_model!r} is neither a base model of this server "
