@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import FAST, REPO, SFT_RECORDS, free_port, upload, wait_for, wait_status
+from tests.integration.conftest import REPO, SFT_RECORDS, free_port, upload, wait_for, wait_status
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                 reason="bitsandbytes is not installed")
@@ -30,7 +30,8 @@ def _spec(dataset_id: str, **extra: object) -> dict:
 def test_qlora_and_checkpointed_sft_runs_succeed_on_the_embedded_default(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
-    env.update({f"TUNEYARD_{k.upper()}": v for k, v in FAST.items()})
+    # Default lease timings: two runs loading models at once on a small shared machine can hold a
+    # heartbeat back longer than the integration suite's 3 s lease.
     env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_PORT=str(port), TUNEYARD_ENV="test",
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
@@ -53,7 +54,7 @@ def test_qlora_and_checkpointed_sft_runs_succeed_on_the_embedded_default(tmp_pat
         assert checkpointed.status_code == 201, checkpointed.text
         for run_id in (qlora.json()["id"], checkpointed.json()["id"]):
             run = wait_status(api, run_id, {"succeeded", "failed", "cancelled"}, timeout=600)
-            assert run["status"] == "succeeded", (run, log.read_text()[-3000:])
+            assert run["status"] == "succeeded", (run["error"], events_of(api, run_id))
             assert run["stages"][0]["step"] == 3
             kinds = {c["kind"] for c in api.get(f"/v1/runs/{run_id}/checkpoints").json()["data"]}
             assert {"adapter", "merged"} <= kinds
@@ -68,6 +69,10 @@ def test_qlora_and_checkpointed_sft_runs_succeed_on_the_embedded_default(tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
+
+
+def events_of(api: httpx.Client, run_id: str) -> list[str]:
+    return [e["message"] for e in api.get(f"/v1/runs/{run_id}/events").json()["data"]]
 
 
 def _ok(api: httpx.Client) -> bool:
