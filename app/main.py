@@ -15,7 +15,20 @@ from app.broker import create_celery
 from app.db.session import make_session_factory
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
-from app.routes import checkpoints, dashboard, datasets, evals, inference, metrics, models, ops, runs, stream
+from app.routes import (
+    checkpoints,
+    dashboard,
+    datasets,
+    evals,
+    inference,
+    keys,
+    metrics,
+    models,
+    ops,
+    runs,
+    stream,
+)
+from app.services.auth import KeyCache
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -33,6 +46,7 @@ ROUTERS: list[APIRouter] = [
     metrics.router,
     stream.router,
     checkpoints.router,
+    keys.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}
@@ -70,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_session_factory(settings)
     app.state.store = LocalBlobStore(settings.storage_dir)
     app.state.celery = create_celery(settings)
+    app.state.keys = KeyCache(settings.auth_cache_seconds)
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="blob store root; default: data_dir/storage")
     base_models_dir: Path | None = Field(None, description="base model folders; default: data_dir/models")
     auth_enabled: bool = True
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, description="an API key's team is cached this long per API process: a revoked key "
+                               "stops working within it (0: look every key up)"
+    )
     max_upload_bytes: int = Field(2 * 1024**3, ge=1024)
     env: str = Field("dev", pattern="^(dev|test|prod)$")
     host: str = "127.0.0.1"
@@ -42,6 +46,10 @@ class Settings(BaseSettings):
         200, ge=1, description="connections the API serves at once; more get 503 (uvicorn limit_concurrency)"
     )
     log_json: bool = False
+    judge_base_url: str | None = Field(
+        None, description="default endpoint of score_model graders; default: this server's own /v1"
+    )
+    judge_api_key: str | None = Field(None, description="API key workers send to the default judge endpoint")
 
     @field_validator("data_dir", "storage_dir", "base_models_dir")
     @classmethod
@@ -67,6 +75,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def default_judge_url(self) -> str:
+        """Returns the OpenAI-compatible root score_model graders use when they name no base_url."""
+        return self.judge_base_url or f"http://{self.host}:{self.port}/v1"
 
     @property
     def broker_dir(self) -> Path:

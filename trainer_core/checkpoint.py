@@ -6,6 +6,7 @@ Layout under a run's work_dir::
     stage-{i}/checkpoint-{step:08d}/      resume state after optimizer step `step`
         trainable.safetensors             trainable weights (LoRA, or every weight for full FT)
         optimizer.pt  rng.pt  method_state.pt  trainer_state.json
+        modules.pt                        a method's extra trainable modules (PPO value head), if any
         manifest.json                     written last: config, stage, step, versions, files+sha256
     export/adapter/  export/merged/       final exports, each with its manifest.json
 
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +164,13 @@ def save_resume_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     metrics: dict[str, float],
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> CheckpointInfo:
-    """Returns the info of a complete resume checkpoint written for optimizer step ``step``."""
+    """Returns the info of a complete resume checkpoint written for optimizer step ``step``.
+
+    ``modules``: trainable modules besides the policy (a method's ``trainable_modules``), stored
+    by name.
+    """
     final = stage_folder / f"checkpoint-{step:08d}"
     tmp = _fresh_tmp(final)
     weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
@@ -171,6 +178,8 @@ def save_resume_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(method_state, tmp / "method_state.pt")
+    if modules:
+        torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
                 "config": config, "metrics": metrics}
@@ -197,14 +206,23 @@ def stage_finished(folder: Path) -> bool:
 
 
 def load_resume_checkpoint(
-    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> ResumeState:
     """Returns the loop state of a resume checkpoint after loading weights, optimizer and RNG in place.
+
+    ``modules`` get the weights ``save_resume_checkpoint`` stored for them (the same names).
 
     Call it last before training continues: restoring the RNG must come after anything (model
     building, method setup) that draws random numbers.
     """
     load_trainable_weights(folder, model)
+    if modules:
+        stored = torch.load(folder / "modules.pt", weights_only=True)
+        if set(stored) != set(modules):
+            raise ValueError(f"checkpoint {folder} holds modules {sorted(stored)}, not {sorted(modules)}")
+        for name, module in modules.items():
+            module.load_state_dict(stored[name])
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     _restore_rng(torch.load(folder / "rng.pt", weights_only=True))
     manifest = read_manifest(folder)

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Run, Team
-from app.errors import NotFound, Unprocessable
+from app.errors import Unprocessable
 from app.inference.types import ModelKind, ResolvedModel
-from app.services.models import base_model_dir, finished_checkpoint
+from app.services.models import base_model_dir, finished_checkpoint, model_not_found
 from app.settings import Settings
 from app.storage import LocalBlobStore
 
@@ -50,15 +50,6 @@ def parse_alias(name: str) -> Alias | None:
     )
 
 
-def _not_found(name: str, why: str = "") -> NotFound:
-    return NotFound(
-        f"model {name!r} does not exist{why}: use a base model or one of your finished checkpoints "
-        "(GET /v1/models) or an alias RUN:stage-I:step-N",
-        code="model_not_found",
-        param="model",
-    )
-
-
 def _checkpoint_for_alias(session: Session, team: Team, alias: Alias) -> Checkpoint | None:
     run = session.scalar(select(Run).where(Run.team_id == team.id, Run.id == alias.run))
     if run is None:
@@ -83,25 +74,32 @@ def _checkpoint_for_alias(session: Session, team: Team, alias: Alias) -> Checkpo
 
 
 def _base_of_run(session: Session, settings: Settings, store: LocalBlobStore, team: Team, run: Run) -> Path:
-    """Returns the folder a run trained on: a base model, or a merged checkpoint it started from."""
+    """Returns the folder a run's adapter applies to: a base model, or a merged checkpoint it started from.
+
+    A run that started from an adapter checkpoint trained that adapter further, so its own adapter
+    applies to the same folder as its parent's.
+    """
     folder = base_model_dir(settings, run.base_model)
     if folder is not None:
         return folder
     parent = finished_checkpoint(session, team, run.base_model)
     if parent is not None and parent.kind == "merged":
         return store.path_for(parent.blob_prefix)
+    parent_run = session.get(Run, parent.run_id) if parent is not None else None
+    if parent_run is not None:
+        return _base_of_run(session, settings, store, team, parent_run)
     raise Unprocessable(
-        f"run {run.id} trained on {run.base_model!r}, which is no longer a base model or merged checkpoint "
+        f"run {run.id} trained on {run.base_model!r}, which is no longer a base model or checkpoint "
         "of this server; serve its merged export instead",
         code="model_base_missing",
         param="model",
     )
 
 
-def resolve_model(
+def find_model(
     session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str
-) -> ResolvedModel:
-    """Returns the folders behind `name` for `team`; raises NotFound (404) for anything else."""
+) -> ResolvedModel | None:
+    """Returns the folders behind `name` for `team` (base model, checkpoint id or alias), or None."""
     folder = base_model_dir(settings, name)
     if folder is not None:
         return ResolvedModel(id=name, kind="base", base_model=name, base_path=folder)
@@ -109,11 +107,9 @@ def resolve_model(
     if checkpoint is None and not name.startswith("ckpt_"):
         alias = parse_alias(name)
         checkpoint = _checkpoint_for_alias(session, team, alias) if alias else None
-    if checkpoint is None:
-        raise _not_found(name)
-    run = session.get(Run, checkpoint.run_id)
-    if run is None:
-        raise _not_found(name, " (its run was deleted)")
+    run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
+    if checkpoint is None or run is None:
+        return None
     return ResolvedModel(
         id=checkpoint.id,
         kind=checkpoint.kind,  # type: ignore[arg-type]
@@ -121,3 +117,16 @@ def resolve_model(
         base_path=_base_of_run(session, settings, store, team, run),
         checkpoint_path=store.path_for(checkpoint.blob_prefix),
     )
+
+
+def resolve_model(
+    session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str, *,
+    param: str = "model", status: int = 404,
+) -> ResolvedModel:
+    """Returns the folders behind `name`; raises model_not_found (404, or `status`) listing what exists."""
+    resolved = find_model(session, settings, store, team, name)
+    if resolved is None:
+        error = model_not_found(settings, session, team, name, param)
+        error.status_code = status
+        raise error
+    return resolved

@@ -162,7 +162,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         cwd=REPO, env=service_env(settings), stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
     reaper_log = logs / "reaper.log"
-    reaper = subprocess.Popen([sys.executable, "-m", "app.cli", "reaper"], cwd=REPO,
+    reaper = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "reaper"], cwd=REPO,
                               env=service_env(settings), stdout=reaper_log.open("wb"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     stack = Stack(settings, f"http://127.0.0.1:{port}", key, redis_url, logs, [api, reaper])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -82,6 +81,46 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db.models import Team
+    from app.db.session import make_session_factory
+    from app.services.auth import list_keys
+
+    with make_session_factory(settings)() as session:
+        team_id = session.scalar(select(Team.id).where(Team.name == args.team)) if args.team else None
+        if args.team and team_id is None:
+            print(f"tuneyard: no team {args.team!r}", file=sys.stderr)
+            return 1
+        rows = list_keys(session, team_id)
+    print(f"{'id':<32} {'team':<20} {'prefix':<12} {'created':<20} {'last used':<20} {'revoked':<20} name")
+    for key, team in rows:
+        print(f"{key.id:<32} {team:<20} {key.prefix:<12} {_when(key.created_at):<20} "
+              f"{_when(key.last_used_at):<20} {_when(key.revoked_at):<20} {key.name}")
+    return 0
+
+
+def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from app.db.session import make_session_factory
+    from app.errors import NotFound
+    from app.services.auth import revoke_key
+
+    with make_session_factory(settings)() as session:
+        try:
+            key = revoke_key(session, args.key_id)
+        except NotFound as exc:
+            print(f"tuneyard: {exc.message}", file=sys.stderr)
+            return 1
+    print(f"key {key.id} ({key.prefix}…) revoked at {_when(key.revoked_at)}; API processes refuse it within "
+          f"{settings.auth_cache_seconds:g}s")
+    return 0
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
 def init_tiny_model(settings: Settings, name: str = TINY_MODEL) -> Path:
     """Returns the folder of the tiny base model, building it (atomically) if it is missing."""
     target = settings.base_models_dir / name
@@ -103,20 +142,10 @@ def cmd_models_init_tiny(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
-    run_reaper_forever = _reaper()
-    if run_reaper_forever is None:
-        print("no reaper installed (worker.reaper.run_reaper_forever); nothing to do", file=sys.stderr)
-        return 0
-    params = inspect.signature(run_reaper_forever).parameters
-    run_reaper_forever(settings) if params else run_reaper_forever()
+    from app.jobs.reaper import run_reaper_forever
+
+    run_reaper_forever(settings)
     return 0
-
-
-def _reaper():  # noqa: ANN202 - the callable comes from an optional module
-    try:
-        return importlib.import_module("worker.reaper").run_reaper_forever
-    except (ImportError, AttributeError):
-        return None
 
 
 def _first_start_key(settings: Settings) -> str | None:
@@ -145,14 +174,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"warning: could not build the tiny base model ({exc}); run `tuneyard models init-tiny`",
               file=sys.stderr)
-    me = [sys.executable, "-m", "app.cli"]
+    me = [sys.executable, "-m", "tuneyard_cli"]
     children = {
         "api": subprocess.Popen([*me, "api"]),
         "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
                                     "--concurrency", str(EMBEDDED_CONCURRENCY)]),
+        "reaper": subprocess.Popen([*me, "reaper"]),
     }
-    if _reaper() is not None:
-        children["reaper"] = subprocess.Popen([*me, "reaper"])
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nTuneyard is starting at {url}  (data in {settings.data_dir})")
     key: str | None = None
@@ -164,7 +192,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("use the key printed at first start, or create one: tuneyard keys create --team NAME")
     if getattr(args, "demo", False):
-        from app.client_cli import run_demo
+        from tuneyard_cli.demo import run_demo
 
         run_demo(url, key or _demo_key(settings), TINY_MODEL)
     return _supervise(children)
@@ -229,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--team", required=True)
     create.add_argument("--name", help="a label for the key")
     create.set_defaults(run=cmd_keys_create)
+    listing = keys.add_parser("list", help="list the keys (prefix, created, last used, revoked)")
+    listing.add_argument("--team", help="only this team's keys")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (key_…): it answers 401 from then on")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("init-tiny", help="build the tiny local base model into the base-models dir")
     tiny.add_argument("--name", default=TINY_MODEL)
@@ -238,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="then upload a small dataset and submit a short SFT run")
     up.set_defaults(run=cmd_up)
-    from app.client_cli import add_commands
+    from tuneyard_cli.client import add_commands
 
     add_commands(sub)
     return parser
@@ -253,6 +287,3 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_json)
     return args.run(settings, args)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
