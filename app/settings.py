@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     sglang_max_lora_rank: int = Field(
         64, ge=1, description="the SGLang server's --max-lora-rank: runs with a larger adapter.r are refused"
     )
+    rollout_sglang_url: str | None = Field(
+        None, description="an SGLang server (--enable-lora, same base) RL stages may sample on: "
+        "rollout.engine 'sglang'"
+    )
     worker_quantization: bool | None = Field(
         None, description="workers can load 4-bit bases (QLoRA); default: bitsandbytes is installed here"
     )

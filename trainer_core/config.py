@@ -167,7 +167,22 @@ class DPOStage(StageBase):
         return v
 
 
+class RolloutSpec(_Strict):
+    """Which engine samples a GRPO/PPO stage's completions (``trainer_core.rollout_engines``).
+
+    `local`: the in-process sampler (runs anywhere); `paged`: transformers continuous batching with
+    a paged KV cache in the training process; `sglang`: the deployment's SGLang server for
+    rollouts, with the policy adapter reloaded after each optimizer step. The loss recomputes
+    log-probs with the policy; for `paged` and `sglang` each token is weighted by the truncated
+    importance ratio min(pi_train / pi_engine, tis_cap).
+    """
+
+    engine: Literal["local", "paged", "sglang"] = "local"
+    tis_cap: float = Field(2.0, ge=1, description="truncation C of the importance weight (TRL/verl use 2)")
+
+
 class _RolloutStage(StageBase):
+    rollout: RolloutSpec = RolloutSpec()
     reward: StageReward = Field(
         default_factory=lambda: ExactMatchReward(type="exact_match"),
         description="a Tuneyard reward spec (exact_match ... combined) or a grader (string_check ... multi)",
@@ -340,6 +355,17 @@ class RunSpec(_Strict):
                 for stage in self.stages
             ]
             object.__setattr__(self, "stages", stages)
+        return self
+
+    @model_validator(mode="after")
+    def _sglang_rollouts_need_an_adapter(self) -> RunSpec:
+        for index, stage in enumerate(self.stages):
+            rollout = getattr(stage, "rollout", None)
+            if rollout is not None and rollout.engine == "sglang" and isinstance(self.adapter, FullAdapter):
+                raise ValueError(
+                    f"stages[{index}].rollout.engine 'sglang' reloads the policy's LoRA adapter after each "
+                    "step; full fine-tuning has none: use engine 'local' or 'paged', or a LoRA adapter"
+                )
         return self
 
     @model_validator(mode="after")

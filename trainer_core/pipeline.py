@@ -113,6 +113,7 @@ def run_pipeline(
     resolve_model: Callable[[str], ModelFolders | Path] | None = None,
     start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
+    rollout_sglang_url: str | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
@@ -165,7 +166,7 @@ def run_pipeline(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders,
+            graders=graders, rollout_sglang_url=rollout_sglang_url,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",

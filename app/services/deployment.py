@@ -1,7 +1,7 @@
 """What this deployment's workers and inference backend can run; a spec they cannot is refused at submit.
 
-A run that asks for something no worker here can do (a 4-bit base without bitsandbytes, a GPU
-rollout engine on CPU workers, a LoRA shape the SGLang server cannot serve) would otherwise be
+A run that asks for something no worker here can do (a 4-bit base without bitsandbytes, SGLang
+rollouts without an SGLang server, a LoRA shape the SGLang server cannot serve) would otherwise be
 claimed and fail minutes or hours later. The API never imports torch, so it learns the workers'
 abilities from settings; a package check (``find_spec``) stands in where the API and the workers
 share one environment (the embedded default and the production image).
@@ -35,6 +35,14 @@ def check_deployment_runs(settings: Settings, spec: RunSpec) -> None:
             "TUNEYARD_WORKER_QUANTIZATION=true",
             code="unsupported_on_deployment", param="adapter.type",
         )
+    for index, stage in enumerate(spec.stages):
+        rollout = getattr(stage, "rollout", None)
+        if rollout is not None and rollout.engine == "sglang" and not settings.rollout_sglang_url:
+            raise Unprocessable(
+                f"stages[{index}].rollout.engine 'sglang' needs an SGLang server for rollouts, and this "
+                "deployment has none (TUNEYARD_ROLLOUT_SGLANG_URL); use 'local' or 'paged'",
+                code="unsupported_on_deployment", param=f"stages[{index}].rollout.engine",
+            )
     if settings.inference_backend == "sglang" and not isinstance(spec.adapter, FullAdapter):
         _check_sglang_servable(settings, spec)
 
