@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -90,6 +91,51 @@ def load_base_model(
             # numbers of every later training step (and break exact resume). One kernel throughout.
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+PackedAttention = Literal["dense_mask", "flash_varlen", "flex"]
+
+
+def packed_attention(device: torch.device) -> PackedAttention:
+    """Returns how packed rows keep their sequences apart on ``device``.
+
+    - ``flash_varlen``: CUDA with the flash-attn package: one padding-free row, flash-attention's
+      varlen kernel finds the sequences from the restarting ``position_ids``.
+    - ``flex``: CUDA without flash-attn: one padding-free row and PyTorch's flex attention with a
+      block-sparse document mask (``document_mask``).
+    - ``dense_mask``: CPU: a [B, 1, L, L] block-diagonal mask under SDPA, rows no longer than the
+      micro-batch's longest example. Flex attention has no backward pass on CPU (torch 2.13) and
+      position_ids alone do not separate sequences under SDPA (REFERENCE "Packing").
+    Neither CUDA path was ever run in this project (no GPU in its tests).
+    """
+    if device.type != "cuda":
+        return "dense_mask"
+    return "flash_varlen" if importlib.util.find_spec("flash_attn") is not None else "flex"
+
+
+ATTENTION_IMPLEMENTATION: dict[str, str] = {
+    "dense_mask": "sdpa", "flash_varlen": "flash_attention_2", "flex": "flex_attention",
+}
+
+
+def use_attention(model: nn.Module, implementation: str) -> None:
+    """Switches the model's attention implementation (the model is rebuilt per stage, so it stays)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner.set_attn_implementation(implementation)
+
+
+def document_mask(seq_lengths: torch.Tensor, device: torch.device) -> Any:
+    """Returns flex attention's causal block mask keeping each of ``seq_lengths``'s sequences apart."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = seq_lengths.to(device).long()
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def causal_within(batch: Any, head: Any, query: Any, key: Any) -> Any:
+        return (doc[query] == doc[key]) & (query >= key)
+
+    total = int(seq_lengths.sum())
+    return create_block_mask(causal_within, None, None, total, total, device=str(device))
 
 
 def quantization_available() -> bool:

@@ -21,6 +21,7 @@ training policy itself (weights 1 up to float rounding), so it needs none.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,12 +143,18 @@ class PagedEngine:
         devices = [device.index or 0] if device.type == "cuda" else []
         inner = model.get_base_model() if isinstance(model, PeftModel) else model
         implementation = inner.config._attn_implementation
+        cache = ContinuousBatchingConfig(return_logprobs=True)
+        if device.type != "cuda":
+            # Off CUDA the cache is not sized from free GPU memory: give it just what this batch needs.
+            longest = max(len(p) for p in prompts) + max_new_tokens
+            cache = ContinuousBatchingConfig(return_logprobs=True, page_size=64, max_batch_tokens=256,
+                                             num_blocks=len(prompts) * math.ceil(longest / 64) + 1)
         with torch.random.fork_rng(devices=devices), eval_mode(model), torch.no_grad():
             torch.manual_seed(seed)
             try:
                 outputs = inner.generate_batch(
                     inputs=[list(p) for p in prompts], generation_config=config,
-                    continuous_batching_config=ContinuousBatchingConfig(return_logprobs=True),
+                    continuous_batching_config=cache,
                     progress_bar=False, warmup=False,
                 )
             finally:

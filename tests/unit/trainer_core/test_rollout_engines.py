@@ -35,7 +35,7 @@ PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 
 
 def _sample(engine: Any, model: Any, seed: int, **kw: Any):
-    return engine.sample(model, PROMPTS, version=0, max_new_tokens=kw.get("max_new_tokens", 6),
+    return engine.sample(model, PROMPTS, version=0, max_new_tokens=kw.get("max_new_tokens", 4),
                          eos_token_ids=[4], pad_token_id=2, generator=seeded_generator(seed, 0),
                          temperature=kw.get("temperature", 1.0), top_p=1.0)
 
