@@ -36,9 +36,8 @@ from app.inference.types import (
     LoadedModel,
     Prompt,
     ResolvedModel,
-    SamplingParams,
-    TokenLogprob,
 )
+from trainer_core.config import SamplingParams, TokenLogprob
 
 MIN_LORA_VERSION = (0, 5, 4)
 

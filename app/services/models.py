@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Team
 from app.errors import Unprocessable
+from app.ids import is_id
 from app.schemas.models import ModelOut
 from app.settings import Settings
 
@@ -131,11 +132,25 @@ def model_not_found(settings: Settings, session: Session, team: Team, name: str,
 
 def finished_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint | None:
     """Returns the team's exported (adapter or merged) checkpoint with that id, if any."""
+    if not is_id(checkpoint_id, "ckpt"):
+        return None
     return session.scalar(
         select(Checkpoint).where(
             Checkpoint.id == checkpoint_id,
             Checkpoint.team_id == team.id,
             Checkpoint.kind.in_(("adapter", "merged")),
+            Checkpoint.deleted_at.is_(None),
+        )
+    )
+
+
+def reward_model_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint | None:
+    """Returns the team's ``reward_model`` checkpoint with that id (for reward_model graders), if any."""
+    return session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.id == checkpoint_id,
+            Checkpoint.team_id == team.id,
+            Checkpoint.kind == "reward_model",
             Checkpoint.deleted_at.is_(None),
         )
     )
