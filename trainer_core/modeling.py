@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter, QLoraAdapter
 from trainer_core.errors import TrainingDataError
+from trainer_core.model_folders import missing_target_modules
 from trainer_core.staging import staged_folder
 
 POLICY_ADAPTER = "default"
@@ -201,7 +202,16 @@ def load_policy(
         target_modules=adapter.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    if isinstance(adapter.target_modules, list):
+        # peft ignores a target that matches nothing as long as another one matches.
+        linear = {name for name, module in base.named_modules()
+                  if getattr(getattr(module, "weight", None), "ndim", 0) == 2}
+        if missing := missing_target_modules(adapter.target_modules, linear):
+            raise TrainingDataError(f"adapter.target_modules: the base model has no module {missing[0]!r}")
+    try:
+        return get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    except ValueError as exc:  # peft refuses a target it cannot adapt (a norm layer, say)
+        raise TrainingDataError(f"adapter.target_modules: {exc}") from exc
 
 
 def save_policy_weights(model: nn.Module, out_dir: Path) -> None:

@@ -29,7 +29,7 @@ from trainer_core.graders.scoring import GraderRuntime, needs_sandbox
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext
-from trainer_core.model_folders import ModelFolders
+from trainer_core.model_folders import ModelFolders, folder_problems
 from trainer_core.modeling import (
     ReferencePolicy,
     choose_device,
@@ -126,6 +126,10 @@ def run_pipeline(
     if start_adapter is not None and isinstance(spec.adapter, FullAdapter):
         raise TrainingDataError("adapter.type 'full' cannot continue a LoRA adapter checkpoint; "
                                 "start from its merged export instead")
+    if problems := folder_problems(base_model_path):
+        # Deterministic: every attempt would fail the same way, so it is not retried.
+        raise TrainingDataError(f"base_model: the folder {base_model_path.name} cannot be loaded: "
+                                f"{'; '.join(problems)}")
     torch_device = choose_device(device)
     tokenizer = load_tokenizer(base_model_path)
     datasets = _Datasets(dataset_paths, dataset_formats)
