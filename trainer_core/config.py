@@ -67,13 +67,28 @@ class LoraAdapter(SpecModel):
         return v
 
 
+class QLoraAdapter(LoraAdapter):
+    """LoRA over a base quantised to 4 bits with bitsandbytes (QLoRA, arXiv 2305.14314).
+
+    The adapter trains in fp32 (bf16 autocast on CUDA) over the frozen 4-bit base. Exports: the
+    adapter (loads over the ordinary bf16/fp32 base) and a merged model whose base weights are the
+    dequantised 4-bit ones the adapter was trained against (the manifest's ``merged_base`` says so).
+    """
+
+    type: Literal["qlora"] = Field(  # type: ignore[assignment]
+        "qlora", description="LoRA over a 4-bit (bitsandbytes) base: QLoRA"
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base")
+    double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param)")
+
+
 class FullAdapter(SpecModel):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
     type: Literal["full"] = Field("full", description="full fine-tuning: every weight trains")
 
 
-Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
+Adapter = Annotated[LoraAdapter | QLoraAdapter | FullAdapter, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- stages
@@ -236,7 +251,22 @@ class DPOStage(StageBase):
         return v
 
 
+class RolloutSpec(SpecModel):
+    """Which engine samples a GRPO/PPO stage's completions (``trainer_core.rollout_engines``).
+
+    `local`: the in-process sampler (runs anywhere); `paged`: transformers continuous batching with
+    a paged KV cache in the training process; `sglang`: the deployment's SGLang server for
+    rollouts, with the policy adapter reloaded after each optimizer step. The loss recomputes
+    log-probs with the policy; for `paged` and `sglang` each token is weighted by the truncated
+    importance ratio min(pi_train / pi_engine, tis_cap).
+    """
+
+    engine: Literal["local", "paged", "sglang"] = Field("local", description="what samples the rollouts")
+    tis_cap: float = Field(2.0, ge=1, le=100, description="truncation C of the importance weight (TRL: 2)")
+
+
 class _RolloutStage(StageBase):
+    rollout: RolloutSpec = Field(RolloutSpec(), description="the engine that samples completions")
     reward: StageReward = Field(
         default_factory=lambda: ExactMatchReward(type="exact_match"),
         description="a Tuneyard reward spec (exact_match ... combined) or a grader (string_check ... multi)",
@@ -503,7 +533,11 @@ class RunSpec(SpecModel):
     )
     adapter: Adapter = Field(
         LoraAdapter(),
-        description="what trains: a LoRA adapter (default) or every weight",
+        description="what trains: a LoRA adapter (default), LoRA over a 4-bit base, or every weight",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass (non-reentrant); default: on for "
+        "CUDA workers, off on CPU"
     )
     seed: int = Field(
         0, ge=0, le=MAX_SEED,
@@ -540,9 +574,22 @@ class RunSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _sglang_rollouts_need_an_adapter(self) -> RunSpec:
+        for index, stage in enumerate(self.stages):
+            rollout = getattr(stage, "rollout", None)
+            if rollout is not None and rollout.engine == "sglang" and isinstance(self.adapter, FullAdapter):
+                raise ValueError(
+                    f"stages[{index}].rollout.engine 'sglang' reloads the policy's LoRA adapter after each "
+                    "step; full fine-tuning has none: use engine 'local' or 'paged', or a LoRA adapter"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _export_matches_adapter(self) -> RunSpec:
         if isinstance(self.adapter, FullAdapter) and "adapter" in self.export:
-            raise ValueError("export 'adapter' needs adapter.type 'lora'; full fine-tuning exports 'merged'")
+            raise ValueError(
+                "export 'adapter' needs adapter.type 'lora' or 'qlora'; full fine-tuning exports 'merged'"
+            )
         if not self.export:
             raise ValueError("export must name at least one of 'adapter', 'merged'")
         return self

@@ -36,6 +36,7 @@ from trainer_core.modeling import (
     load_policy,
     load_tokenizer,
     save_policy_weights,
+    set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
 
@@ -112,6 +113,7 @@ def run_pipeline(
     resolve_model: Callable[[str], ModelFolders | Path] | None = None,
     start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
+    rollout_sglang_url: str | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
@@ -162,16 +164,18 @@ def run_pipeline(
             if model is not None:
                 save_policy_weights(model, start)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)
+        checkpointing = set_gradient_checkpointing(model, spec.gradient_checkpointing, torch_device)
         train, held_out = datasets.stage_split(stage, index, spec.seed)
         ctx = StageContext(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders,
+            graders=graders, rollout_sglang_url=rollout_sglang_url,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
-                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
+                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps,
+                           "gradient_checkpointing": checkpointing})
         reward = getattr(stage, "reward", None)
         if reward is not None and needs_sandbox(reward):
             sandbox = (graders or GraderRuntime()).sandbox()

@@ -14,7 +14,7 @@ from trainer_core.config import DPOStage
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_padded
 from trainer_core.data.render import RenderedExample, render_preference
-from trainer_core.losses.common import token_logps
+from trainer_core.losses.chunked import chunked_token_logps
 from trainer_core.losses.dpo import dpo_loss
 from trainer_core.methods.base import (
     LossOutput,
@@ -25,7 +25,7 @@ from trainer_core.methods.base import (
     shuffled_chunks,
     weighted_mean,
 )
-from trainer_core.modeling import label_logits
+from trainer_core.modeling import head_inputs
 
 # Pairs per reference forward in setup: bounded memory, independent of the training batch size.
 _REFERENCE_CHUNK = 16
@@ -55,9 +55,13 @@ def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: st
 
 
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Returns [B] summed completion-token log-probs of each row (LM head on completion tokens only)."""
+    """Returns [B] summed completion-token log-probs of each row.
+
+    The LM head runs on completion tokens only, a chunk of positions at a time.
+    """
+    out = head_inputs(model, inputs)
     keep = labels != IGNORE_INDEX
-    picked, _ = token_logps(label_logits(model, inputs, labels), labels[keep])
+    picked, _ = chunked_token_logps(out.hidden[keep], out.head, labels[keep], out.vocab)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
     return torch.zeros(labels.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
 
