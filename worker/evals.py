@@ -9,19 +9,17 @@ claim and returns at once; an attempt that lost its lease has its writes refused
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from functools import cache
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Eval, Team, utcnow
+from app.db.models import Eval, Team
 from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import resolve_model
-from app.jobs.lease import Lease, StaleAttempt, claim, end_attempt, fence
+from app.jobs.lease import StaleAttempt, end_attempt, fence, take
 from app.jobs.states import EVAL
 from app.schemas.evals import EvalCreate, EvalResults, ModelResult
 from app.services.datasets import usable_dataset
@@ -48,18 +46,10 @@ def run_eval(eval_id: str) -> str:
 def execute_claimed_eval(eval_id: str, *, settings: Settings, sessions: sessionmaker[Session],
                          store: LocalBlobStore) -> str:
     """Returns succeeded|failed, or skipped (not claimable) or superseded (lost its lease)."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    with sessions() as session:
-        claimed = claim(session, EVAL, eval_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
-                        max_attempts=settings.max_attempts)
-        if claimed is None:
-            row = session.get(Eval, eval_id)
-            log.info("eval %s: not claimed (%s); this delivery exits", eval_id,
-                     f"{row.status}, attempt {row.attempt}" if row else "no such eval")
-            return "skipped"
-    log.info("eval %s: attempt %d claimed by %s", eval_id, claimed.attempt, owner)
-    lease = Lease(sessions, EVAL, eval_id, claimed.attempt,
-                  heartbeat_seconds=settings.heartbeat_seconds).start()
+    taken = take(sessions, EVAL, eval_id, settings)
+    if taken is None:
+        return "skipped"
+    claimed, lease = taken
     try:
         return execute_eval(sessions, settings, store, eval_id, claimed.attempt)
     except StaleAttempt:
@@ -88,7 +78,7 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
     # Imported here: torch and the model code load only in the worker that evaluates.
     from app.inference.loading import load_local_model
     from trainer_core.data import load_records
-    from trainer_core.evaluation import GenerationSettings, evaluate
+    from trainer_core.evaluation import evaluate
     from trainer_core.modeling import choose_device
 
     with sessions() as session:
@@ -102,9 +92,6 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
             dataset = usable_dataset(session, team, request.dataset_id, param="dataset_id")
             fmt = dataset.format or ""
             records = load_records(store.path_for(dataset.blob_key), fmt)[: request.max_examples]  # type: ignore[arg-type]
-            generation = GenerationSettings(
-                **request.generation.model_dump() | {"stop": tuple(request.generation.stop)}
-            )
             device = choose_device("auto")
             results: list[ModelResult] = []
             last_report = 0.0
@@ -119,8 +106,9 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
                         save(session, eval_id, attempt, progress=done)
 
                 outcome = evaluate(
-                    local.model, local.tokenizer, records, fmt, request.metrics, generation=generation,
-                    eos_token_ids=local.eos_token_ids, num_samples=request.num_samples, on_progress=report,
+                    local.model, local.tokenizer, records, fmt, request.metrics,
+                    generation=request.generation, eos_token_ids=local.eos_token_ids,
+                    num_samples=request.num_samples, on_progress=report,
                 )
                 del local
                 results.append(ModelResult(model=current, metrics=outcome.metrics,
