@@ -38,8 +38,10 @@ from trainer_core.modeling import (
     load_policy,
     load_tokenizer,
     save_policy_weights,
+    set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
+from trainer_core.reward_models import export_reward_model, head_from_checkpoint
 
 
 @dataclass
@@ -114,6 +116,7 @@ def run_pipeline(
     resolve_model: Callable[[str], ModelFolders | Path] | None = None,
     start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
+    rollout_sglang_url: str | None = None,
     ranks: Ranks = SINGLE,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
@@ -174,6 +177,7 @@ def run_pipeline(
                     save_policy_weights(model, start)
             barrier(ranks)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)
+        checkpointing = set_gradient_checkpointing(model, spec.gradient_checkpointing, torch_device)
         if ranks.distributed:
             shard_model(model, torch_device)
         train, held_out = datasets.stage_split(stage, index, spec.seed)
@@ -181,11 +185,12 @@ def run_pipeline(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders, ranks=ranks,
+            graders=graders, rollout_sglang_url=rollout_sglang_url, ranks=ranks,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
-                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
+                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps,
+                           "gradient_checkpointing": checkpointing})
         reward = getattr(stage, "reward", None)
         if reward is not None and needs_sandbox(reward):
             sandbox = (graders or GraderRuntime()).sandbox()
@@ -216,12 +221,17 @@ def run_pipeline(
         return PipelineResult("succeeded", final_metrics=final_metrics)
     assert model is not None, "a finished run always has a final model"
     last = len(spec.stages) - 1
-    step = read_manifest(latest_complete_checkpoint(work_dir)[1])["step"]
+    final_checkpoint = latest_complete_checkpoint(work_dir)[1]
+    step = read_manifest(final_checkpoint)["step"]
     exports: dict[str, Path] = {}
     for kind in spec.export:
         out_dir = work_dir / "export" / kind
         if kind == "adapter":
             info = export_adapter(model, tokenizer, out_dir, stage_index=last, step=step, config=config)
+        elif kind == "reward_model":
+            info = export_reward_model(model, head_from_checkpoint(final_checkpoint, model), tokenizer,
+                                       out_dir, base_model_dir=base_model_path, stage_index=last, step=step,
+                                       config=config)
         else:
             info = export_merged(model, tokenizer, out_dir, base_model_dir=base_model_path,
                                  stage_index=last, step=step, config=config)
