@@ -23,10 +23,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from trainer_core.config import RunSpec  # noqa: E402
-from trainer_core.data import IGNORE_INDEX  # noqa: E402
 from trainer_core.estimate import estimate_fit  # noqa: E402
-from trainer_core.losses.sft import sft_loss  # noqa: E402
-from trainer_core.modeling import label_logits, load_policy  # noqa: E402
+from trainer_core.losses.sft import sft_loss_from_hidden  # noqa: E402
+from trainer_core.modeling import head_inputs, load_policy, set_gradient_checkpointing  # noqa: E402
 
 
 def compare_estimate_with_cuda(model_dir: Path, spec: RunSpec) -> dict[str, Any]:
@@ -37,13 +36,14 @@ def compare_estimate_with_cuda(model_dir: Path, spec: RunSpec) -> dict[str, Any]
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
     model = load_policy(model_dir, spec.adapter, device)
+    set_gradient_checkpointing(model, spec.gradient_checkpointing, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
     ids = torch.randint(0, int(config["vocab_size"]), (stage.batch_size, stage.max_seq_len), device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = label_logits(model, {"input_ids": ids}, ids)
-        loss, _ = sft_loss(logits, ids[ids != IGNORE_INDEX], reduction="sum")
+        out = head_inputs(model, {"input_ids": ids})
+        loss, _ = sft_loss_from_hidden(out.hidden, out.head, ids, vocab=out.vocab, reduction="sum")
     loss.backward()
     optimizer.step()
     torch.cuda.synchronize()

@@ -599,6 +599,10 @@ class RunSpec(SpecModel):
         gpus = self.resources.gpus
         if gpus == 1:
             return self
+        if isinstance(self.adapter, QLoraAdapter):
+            raise ValueError("adapter.type 'qlora' trains on one device: FSDP2 over 4-bit bitsandbytes "
+                             "weights is not verified with the installed peft and bitsandbytes; use "
+                             "resources.gpus 1, or adapter.type 'lora' on several devices")
         for i, stage in enumerate(self.stages):
             if stage.method not in DISTRIBUTED_METHODS:
                 raise ValueError(f"stages[{i}]: method {stage.method!r} trains on one device; "

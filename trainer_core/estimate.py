@@ -5,15 +5,19 @@ Imports without torch (the API computes it at submit). What it counts, per devic
 that needs the most:
 
 - weights: the frozen base at the dtype the trainer loads it in (bf16 for LoRA on GPU, fp32
-  otherwise: ``trainer_core.modeling.base_dtype``), trainable weights in fp32; with N devices FSDP2
-  shards them N ways and adds the gathered layer and root it computes with;
+  otherwise: ``trainer_core.modeling.base_dtype``; 4-bit for QLoRA, with embeddings and head in
+  bf16), trainable weights in fp32; with N devices FSDP2 shards them N ways and adds the gathered
+  layer and root it computes with;
 - gradients (fp32, trainable weights only) and AdamW's two fp32 moments, sharded the same way;
 - activations kept for the backward of one micro-batch share, per token per decoder layer (the
   saved tensors of a Llama-style layer counted op by op: norms, q/k/v, attention output, the
-  gated MLP, LoRA's low-rank outputs and dropout copies), and the full-vocabulary logits with their
-  log-softmax at the trained positions;
-- the frozen reference of DPO/PPO/GRPO (a second LoRA adapter, or a whole fp32 copy for full
-  fine-tuning) and, for rollout methods, the generation KV cache.
+  gated MLP, LoRA's low-rank outputs and dropout copies) — with gradient checkpointing (the run's
+  setting; by default on for CUDA) only each layer's input plus one layer's worth; and the
+  full-vocabulary logits with their log-softmax at the trained positions, or one chunk of them
+  when that is smaller (``trainer_core.losses.chunked``; a sharded model's root forward
+  materialises all positions' logits first);
+- the frozen reference of DPO/PPO/GRPO (a second LoRA adapter, or a whole frozen copy for full
+  fine-tuning, bf16 on GPU) and, for rollout methods, the generation KV cache.
 
 Step time is FLOPs (6 per parameter per token for full fine-tuning, 4 with frozen base weights,
 plus attention) over the devices' peak throughput at an assumed utilisation. ``bench/gpu_check.py``
@@ -27,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from trainer_core.config import FullAdapter, GRPOStage, LoraAdapter, RunSpec, StageBase
+from trainer_core.config import FullAdapter, GRPOStage, LoraAdapter, QLoraAdapter, RunSpec, StageBase
 
 DeviceKind = Literal["cuda", "cpu"]
 
@@ -41,6 +45,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "40
 DEFAULT_PEAK_FLOPS = {"cuda": 200e12, "cpu": 0.5e12}
 # Model FLOPs utilisation a training step reaches on a good day.
 ASSUMED_UTILISATION = 0.35
+# trainer_core.losses.chunked.CHUNK_ELEMENTS (not imported: that module needs torch): the fp32
+# logits the losses hold at once when the trained positions' logits would be larger.
+LOGITS_CHUNK_ELEMENTS = 1 << 25
+# bitsandbytes 4-bit: half a byte per weight plus the quantisation constants (one fp32 absmax per
+# 64 weights, or 8 bits per 64 with double quantisation and a small second-level table).
+QLORA_BYTES_PER_PARAM = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 
 
 class EstimateError(ValueError):
@@ -212,8 +222,12 @@ def _stage_estimate(spec: RunSpec, index: int, shape: ModelShape, device: Device
     base_bytes = 2 if device == "cuda" and not full else 4
     act_bytes = 2 if device == "cuda" else 4
     total = shape.total_params()
-    frozen = 0 if full else total
-    weights = (frozen * base_bytes + trainable * 4) / devices
+    frozen_bytes = 0.0 if full else total * base_bytes
+    if isinstance(spec.adapter, QLoraAdapter):
+        layers = shape.num_layers * shape.layer_params()
+        frozen_bytes = (layers * QLORA_BYTES_PER_PARAM[spec.adapter.double_quant]
+                        + shape.root_params() * base_bytes)
+    weights = (frozen_bytes + trainable * 4) / devices
     if devices > 1:
         # FSDP2 gathers one decoder layer at a time (and prefetches the next) plus the root, which
         # stays gathered through the forward.
@@ -223,13 +237,22 @@ def _stage_estimate(spec: RunSpec, index: int, shape: ModelShape, device: Device
     optimizer = 2 * trainable * 4 / devices
     rows = math.ceil(_rows_per_micro_batch(stage) / devices)
     tokens = rows * stage.max_seq_len
-    activations = tokens * activation_elements_per_token(spec, shape) * act_bytes
-    # Logits at trained positions and their log-softmax, in fp32 (the losses upcast them).
-    logits = tokens * shape.vocab_size * 4 * 2
+    per_token = activation_elements_per_token(spec, shape)
+    checkpointing = device == "cuda" if spec.gradient_checkpointing is None else spec.gradient_checkpointing
+    if checkpointing:
+        # Each layer keeps its input; the backward recomputes one layer's activations at a time.
+        per_token = shape.num_layers * shape.hidden_size + per_token / shape.num_layers
+    activations = tokens * per_token * act_bytes
+    # Logits and their log-softmax in fp32 (the losses upcast them): all trained positions at once,
+    # or one chunk when that is smaller.
+    logits = min(tokens * shape.vocab_size, LOGITS_CHUNK_ELEMENTS) * 4 * 2
+    if devices > 1:
+        logits += tokens * shape.vocab_size * act_bytes
     reference = 0
     # GRPO with beta 0 never runs its reference.
     if stage.method in REFERENCE_METHODS and not (isinstance(stage, GRPOStage) and stage.beta == 0):
-        reference = total * 4 if full else trainable * 4
+        # Full fine-tuning's reference is a whole frozen copy (bf16 on CUDA: modeling.frozen_dtype).
+        reference = total * act_bytes if full else trainable * 4
     generation = 0
     if stage.method in ROLLOUT_METHODS:
         kv = shape.num_kv_heads * shape.head_dim

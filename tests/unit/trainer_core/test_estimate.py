@@ -11,21 +11,22 @@ import torch
 
 from tests.unit.trainer_core.factories import sft_stage
 from trainer_core.config import RunSpec
-from trainer_core.data import IGNORE_INDEX
 from trainer_core.estimate import EstimateError, ModelShape, estimate_fit
-from trainer_core.losses.sft import sft_loss
-from trainer_core.modeling import label_logits, load_policy
+from trainer_core.losses.sft import sft_loss_from_hidden
+from trainer_core.modeling import head_inputs, load_policy
 
 BATCH, SEQ = 4, 64
 LLAMA_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
 
 
-def _spec(adapter: dict[str, Any], gpus: int = 1, **stage: Any) -> RunSpec:
+def _spec(adapter: dict[str, Any], gpus: int = 1, gradient_checkpointing: bool | None = None,
+          **stage: Any) -> RunSpec:
     fields = {"batch_size": BATCH, "max_seq_len": SEQ, "gradient_accumulation": 1, "eval_fraction": 0.0,
               "eval_every_steps": None, **stage}
     return RunSpec.model_validate({
         "base_model": "tiny", "adapter": adapter, "resources": {"gpus": gpus},
+        "gradient_checkpointing": gradient_checkpointing,
         "stages": [sft_stage(**fields)],
         "export": ["merged"] if adapter["type"] == "full" else ["adapter"],
     })
@@ -51,9 +52,8 @@ def _measure(model_dir: Path, spec: RunSpec) -> dict[str, int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        labels = ids.clone()
-        logits = label_logits(model, {"input_ids": ids}, labels)
-        loss, _ = sft_loss(logits, labels[labels != IGNORE_INDEX], reduction="sum")
+        out = head_inputs(model, {"input_ids": ids})
+        loss, _ = sft_loss_from_hidden(out.hidden, out.head, ids, vocab=out.vocab, reduction="sum")
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
@@ -113,3 +113,17 @@ def test_more_devices_shard_the_weights_and_the_batch() -> None:
 def test_a_config_without_sizes_is_refused() -> None:
     with pytest.raises(EstimateError, match="hidden_size"):
         ModelShape.from_config({"vocab_size": 10})
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_only() -> None:
+    plain = estimate_fit(_spec({"type": "lora"}, max_seq_len=2048, gradient_checkpointing=False), LLAMA_8B)
+    checkpointed = estimate_fit(_spec({"type": "lora"}, max_seq_len=2048), LLAMA_8B)  # on by default on CUDA
+    assert checkpointed.stages[0].memory.activations < plain.stages[0].memory.activations / 10
+
+
+def test_qlora_holds_the_base_in_four_bits_and_stays_on_one_device() -> None:
+    lora = estimate_fit(_spec({"type": "lora"}), LLAMA_8B).stages[0].memory.weights
+    qlora = estimate_fit(_spec({"type": "qlora"}), LLAMA_8B).stages[0].memory.weights
+    assert 0.25 < qlora / lora < 0.4  # 4-bit layers, bf16 embeddings and head
+    with pytest.raises(ValueError, match="qlora' trains on one device"):
+        _spec({"type": "qlora"}, gpus=2)
