@@ -15,7 +15,21 @@ from app.broker import create_celery
 from app.db.session import make_session_factory
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
-from app.routes import checkpoints, dashboard, datasets, evals, inference, metrics, models, ops, runs, stream
+from app.routes import (
+    checkpoints,
+    dashboard,
+    datasets,
+    evals,
+    files,
+    fine_tuning,
+    inference,
+    metrics,
+    models,
+    ops,
+    runs,
+    stream,
+    webhooks,
+)
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -33,6 +47,9 @@ ROUTERS: list[APIRouter] = [
     metrics.router,
     stream.router,
     checkpoints.router,
+    files.router,
+    fine_tuning.router,
+    webhooks.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}

@@ -30,9 +30,12 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.broker import create_celery, send_task
 from app.db.models import Dataset, Eval, Event, Run, utcnow
 from app.db.session import make_session_factory
+from app.services import outbox
 from app.services.execution import set_stages
+from app.services.fine_tuning import start_waiting_jobs
 from app.services.run_states import transition_values
 from app.settings import Settings
+from worker.webhooks import start_deliverer
 
 log = logging.getLogger("tuneyard.reaper")
 
@@ -114,6 +117,7 @@ def _reap_runs(session: Session, now: datetime, cutoff: datetime, result: ReapRe
         session.add(Event(run_id=run_id, attempt=attempt, kind=kind, message=message,
                           level="error" if target == "failed" else "warning",
                           data={"lost_owner": owner, "reason": "lease_expired"}))
+        outbox.run_ended(session, run_id, target)
         session.commit()
         log.warning("run %s: %s", run_id, message)
         by_target = {"queued": result.requeued, "failed": result.failed, "cancelled": result.cancelled}
@@ -143,6 +147,7 @@ def _reap_evals(session: Session, now: datetime, cutoff: datetime, max_attempts:
         if moved != 1:
             session.rollback()
             continue
+        outbox.eval_ended(session, eval_id, values["status"])
         session.commit()
         log.warning("eval %s: %s", eval_id, message)
         (result.evals_requeued if values["status"] == "queued" else result.evals_failed).append(eval_id)
@@ -202,6 +207,7 @@ def run_reaper_forever(settings: Settings) -> None:
     celery = create_celery(settings)
     log.info("reaper started: lease %.1fs, queued grace %.1fs, every %.1fs", settings.lease_seconds,
              settings.queued_grace_seconds, settings.reaper_interval_seconds)
+    start_deliverer(settings)
     while True:
         started = time.monotonic()
         try:
@@ -211,6 +217,8 @@ def run_reaper_forever(settings: Settings) -> None:
                                    queued_grace_seconds=settings.queued_grace_seconds,
                                    max_attempts=settings.max_attempts)
                 resend(session, celery, result, now, settings.queued_grace_seconds)
+                # Jobs whose files finished validating while the validation task could not start them.
+                start_waiting_jobs(session, settings, celery)
         except Exception:  # the database or broker is away: the next pass tries again
             log.exception("reaper pass failed")
         time.sleep(max(0.0, settings.reaper_interval_seconds - (time.monotonic() - started)))

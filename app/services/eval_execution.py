@@ -21,6 +21,7 @@ from app.db.models import Eval, Team, utcnow
 from app.errors import ApiError
 from app.inference.resolution import resolve_model
 from app.schemas.evals import EvalCreate, EvalResults, ModelResult
+from app.services import outbox
 from app.services.evals import usable_dataset
 from app.settings import Settings
 from app.storage import LocalBlobStore
@@ -68,6 +69,8 @@ def save_eval(session: Session, eval_id: str, attempt: int, **values: Any) -> No
     if moved != 1:
         session.rollback()
         raise StaleEvalAttempt(eval_id, attempt)
+    if "status" in values:
+        outbox.eval_ended(session, eval_id, values["status"])
     session.commit()
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.broker import send_task
 from app.db.models import Event, Run, RunStage, Team, UTCDateTime, utcnow
 from app.errors import Conflict
+from app.services import outbox
 from app.services.run_states import IllegalTransition, transition_atomically, transition_values
 from app.settings import Settings
 
@@ -131,6 +132,7 @@ def finish_attempt(session: Session, run_id: str, attempt: int, new_status: str,
         if new_status != "succeeded":
             pending_to = "cancelled" if new_status == "cancelled" else "pending"
             set_stages(session, run_id, ("pending",), pending_to, now)
+    outbox.run_ended(session, run_id, new_status)
     return new_status
 
 
@@ -149,6 +151,7 @@ def requeue_attempt(session: Session, run_id: str, attempt: int, *, kind: str, m
                     .execution_options(synchronize_session=False))
     set_stages(session, run_id, ("running",), "pending" if target == "queued" else "cancelled", now)
     add_event(session, run_id, attempt, kind, message, data, level="warning")
+    outbox.run_ended(session, run_id, target)
     return target == "queued"
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.models import Run, utcnow
+from app.services import outbox
 
 RunStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -90,4 +91,5 @@ def transition_atomically(session: Session, run: Run, new: str, **extra: Any) ->
         return False
     for column, value in values.items():
         set_committed_value(run, column, value)
+    outbox.run_ended(session, run.id, new)
     return True
