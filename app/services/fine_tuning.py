@@ -17,7 +17,9 @@ job remembers (`paused`): the run stops at a checkpoint and resume continues it 
 - learning_rate_multiplier: 1.0, times the stage method's default rate (SFT 2e-4, DPO 5e-6,
   GRPO 5e-6 for LoRA);
 - beta (dpo): 0.1.
-A reinforcement job's batch_size counts prompts; each prompt gets `RL_GENERATIONS` samples.
+A supervised job trains without packing, so batch_size counts examples as OpenAI's does; a
+reinforcement job's batch_size counts prompts, each sampled `RL_GENERATIONS` times. A checkpoint
+is written about once per epoch (every ceil(n / batch_size) steps) and the last three are kept.
 """
 
 from __future__ import annotations
@@ -272,6 +274,8 @@ def _stage(job: FineTuningJob, kind: str, hyper: dict[str, Any], n: int) -> dict
                      max_new_tokens=RL_MAX_NEW_TOKENS, reward=_grader_reward(job))
     else:
         stage["batch_size"] = batch
+    if method == "sft":
+        stage["packing"] = False  # OpenAI's batch_size counts examples, not packed sequences
     if method == "dpo":
         stage["beta"] = hyper["beta"]
     return stage

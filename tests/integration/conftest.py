@@ -29,7 +29,8 @@ from app.settings import Settings
 from tests.api.conftest import PG_ADMIN, REDIS_HOST, REPO, _free_redis_db, _pg_url
 
 FAST = {"heartbeat_seconds": "0.5", "lease_seconds": "3", "reaper_interval_seconds": "0.5",
-        "queued_grace_seconds": "4", "max_attempts": "3"}
+        "queued_grace_seconds": "4", "max_attempts": "3", "webhook_retry_base_seconds": "0.3",
+        "webhook_poll_seconds": "0.2", "webhook_timeout_seconds": "2"}
 WORKER_READY_S = 90
 
 
@@ -85,6 +86,7 @@ class Stack:
     logs: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
+    reapers: int = 0
 
     def client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.key}"}
@@ -109,6 +111,16 @@ class Stack:
                 raise RuntimeError(f"celery worker did not start:\n{worker.text()[-3000:]}")
             time.sleep(0.2)
         return worker
+
+    def start_reaper(self) -> subprocess.Popen:
+        """Starts the reaper (with its webhook deliverer thread) in its own process group."""
+        log = self.logs / ("reaper.log" if self.reapers == 0 else f"reaper-{self.reapers}.log")
+        self.reapers += 1
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "reaper"], cwd=REPO,
+                                   env=service_env(self.settings), stdout=log.open("wb"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        return process
 
     def stop_workers(self) -> None:
         for worker in self.workers:
@@ -161,11 +173,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
          "--port", str(port), "--log-level", "warning"],
         cwd=REPO, env=service_env(settings), stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
-    reaper_log = logs / "reaper.log"
-    reaper = subprocess.Popen([sys.executable, "-m", "app.cli", "reaper"], cwd=REPO,
-                              env=service_env(settings), stdout=reaper_log.open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    stack = Stack(settings, f"http://127.0.0.1:{port}", key, redis_url, logs, [api, reaper])
+    stack = Stack(settings, f"http://127.0.0.1:{port}", key, redis_url, logs, [api])
+    stack.start_reaper()
     try:
         _wait_http(f"{stack.base_url}/healthz", api, api_log)
         yield stack
