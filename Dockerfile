@@ -23,6 +23,7 @@ COPY app ./app
 COPY worker ./worker
 COPY trainer_core ./trainer_core
 COPY migrations ./migrations
+COPY tuneyard_cli ./tuneyard_cli
 RUN pip install .
 
 USER tuneyard

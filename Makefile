@@ -26,9 +26,10 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check app worker trainer_core migrations tests bench
+	$(BIN)/ruff check app worker trainer_core tuneyard_cli migrations tests bench
 
 # Debian packages the browser and compose tests use (CI runs this as root).
 system-deps:
 	command -v chromium >/dev/null || apt-get install -y -q chromium
 	command -v docker-compose >/dev/null || apt-get install -y -q docker-compose
+	command -v bwrap >/dev/null || apt-get install -y -q bubblewrap

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(12, ge=1, description="attempts before a delivery is marked failed")
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="time a receiver has to answer")
     webhook_poll_seconds: float = Field(1.0, gt=0, description="how often the deliverer looks for due work")
+    judge_base_url: str | None = Field(
+        None, description="default endpoint of score_model graders; default: this server's own /v1"
+    )
+    judge_api_key: str | None = Field(None, description="API key workers send to the default judge endpoint")
 
     @field_validator("data_dir", "storage_dir", "base_models_dir")
     @classmethod
@@ -68,6 +72,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def default_judge_url(self) -> str:
+        """Returns the OpenAI-compatible root score_model graders use when they name no base_url."""
+        return self.judge_base_url or f"http://{self.host}:{self.port}/v1"
 
     @property
     def broker_dir(self) -> Path:

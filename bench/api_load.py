@@ -154,7 +154,7 @@ def start_services(database_url: str, data_dir: Path, names: set[str]) -> dict[s
     )
     libpq_url = database_url.replace("postgresql+psycopg://", "postgresql://")
     commands = {
-        "api": [sys.executable, "-m", "app.cli", "api"],
+        "api": [sys.executable, "-m", "tuneyard_cli", "api"],
         "ceiling": [sys.executable, str(BENCH / "ceiling_app.py"), "--database-url", libpq_url],
     }
     log = open(data_dir / "services.log", "ab")  # noqa: SIM115 - closed with the processes

@@ -37,9 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.models import Metric, Run, RunStage, Team
 from app.db.session import create_db_engine
 from app.ids import new_id
-from app.services.execution import Claim, fence
+from app.jobs.lease import Claim, Lease, fence
+from app.jobs.states import RUN
 from app.services.metrics import MetricPoint, upsert_metrics
-from worker.lease import Lease
 from worker.reporter import DbReporter
 
 TARGET_POINTS_PER_SECOND = 20_000
@@ -111,8 +111,8 @@ def seed_run(sessions: sessionmaker[Session], team_id: str) -> str:
 
 
 def write_reporter(sessions: sessionmaker[Session], team_id: str, run_id: str, batch: list[Report]) -> None:
-    lease = Lease(sessions, run_id, 1, heartbeat_seconds=60.0)  # not started: the bench never stops
-    reporter = DbReporter(sessions, Path("/tmp"), Claim(run_id, 1, None), team_id, lease)
+    lease = Lease(sessions, RUN, run_id, 1, heartbeat_seconds=60.0)  # not started: the bench never stops
+    reporter = DbReporter(sessions, Path("/tmp"), Claim(RUN, run_id, 1, None), team_id, lease)
     for r in batch:
         reporter.on_metrics(r.stage_index, r.step, r.split, r.values)
     reporter.flush()
@@ -121,7 +121,7 @@ def write_reporter(sessions: sessionmaker[Session], team_id: str, run_id: str, b
 def write_per_step(sessions: sessionmaker[Session], team_id: str, run_id: str, batch: list[Report]) -> None:
     with sessions() as session:
         for r in batch:
-            fence(session, run_id, 1)
+            fence(session, RUN, run_id, 1)
             upsert_metrics(
                 session, run_id, [MetricPoint(r.stage_index, r.step, r.split, r.values, datetime.now(UTC))]
             )

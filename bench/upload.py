@@ -180,7 +180,7 @@ def start_service(url: str, data_dir: Path) -> tuple[subprocess.Popen, subproces
     )
     port = free_port()
     log = open(data_dir / "services.log", "ab")  # noqa: SIM115 - lives as long as the processes
-    cli = [sys.executable, "-m", "app.cli"]
+    cli = [sys.executable, "-m", "tuneyard_cli"]
     api = subprocess.Popen([*cli, "api", "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
     worker = subprocess.Popen(
         [*cli, "worker", "--queues", "cpu", "--concurrency", "1"],

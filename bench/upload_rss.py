@@ -102,7 +102,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tuneyard-bench-") as tmp:
         env = {**os.environ, "TUNEYARD_DATA_DIR": tmp, "TUNEYARD_MAX_UPLOAD_BYTES": str(4 * total),
                "PYTHONPATH": str(REPO)}
-        cli = [sys.executable, "-m", "app.cli"]
+        cli = [sys.executable, "-m", "tuneyard_cli"]
         subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
         created = subprocess.run([*cli, "keys", "create", "--team", "bench"], env=env, check=True,
                                  capture_output=True, text=True)

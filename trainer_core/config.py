@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from trainer_core.reward_config import ExactMatchReward, RewardSpec
+from trainer_core.grader_config import StageReward
+from trainer_core.reward_config import ExactMatchReward
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
 Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
@@ -154,7 +155,10 @@ class DPOStage(StageBase):
 
 
 class _RolloutStage(StageBase):
-    reward: RewardSpec = Field(default_factory=lambda: ExactMatchReward(type="exact_match"))
+    reward: StageReward = Field(
+        default_factory=lambda: ExactMatchReward(type="exact_match"),
+        description="a Tuneyard reward spec (exact_match ... combined) or a grader (string_check ... multi)",
+    )
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -9,3 +9,11 @@ from __future__ import annotations
 
 class TrainingDataError(ValueError):
     """The run cannot train on what the user supplied; the message says what and where to fix."""
+
+
+class GraderFailure(RuntimeError):
+    """A stage's reward cannot be computed at all (judge down after its retries, no sandbox, no key).
+
+    Not one sample's problem (those score 0 and are counted): the step cannot be scored, so the run
+    fails at once with this message instead of training on meaningless rewards.
+    """

@@ -25,6 +25,7 @@ from trainer_core.checkpoint import (
 from trainer_core.config import METHOD_FORMATS, FullAdapter, RunSpec, StageBase
 from trainer_core.data.mixture import build_mixture, load_records
 from trainer_core.errors import TrainingDataError
+from trainer_core.graders.scoring import GraderRuntime, needs_sandbox
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext
@@ -108,6 +109,7 @@ def run_pipeline(
     reporter: Reporter,
     device: str = "auto",
     resolve_model: Callable[[str], Path] | None = None,
+    graders: GraderRuntime | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
@@ -154,10 +156,16 @@ def run_pipeline(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
+            graders=graders,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
                           {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
+        reward = getattr(stage, "reward", None)
+        if reward is not None and needs_sandbox(reward):
+            sandbox = (graders or GraderRuntime()).sandbox()
+            reporter.on_event("grader_sandbox", sandbox.describe(),
+                              {"stage_index": index, "mode": sandbox.mode})
         outcome = train_stage(
             model, method, stage, stage_index=index, stage_folder=folder, tokenizer=tokenizer,
             checkpoints=checkpoints, reporter=reporter, device=torch_device,

@@ -7,7 +7,7 @@ themselves are in ``trainer_core.rewards``.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -77,16 +77,11 @@ class CombinedReward(_Strict):
     functions: list[RewardFunction] = Field(min_length=1)
 
 
-RewardSpec = Annotated[
-    ExactMatchReward
-    | NumericMatchReward
-    | RegexReward
-    | ContainsReward
-    | FormatReward
-    | LengthPenaltyReward
-    | CombinedReward,
-    Field(discriminator="type"),
-]
+REWARD_SPEC_CLASSES = (
+    ExactMatchReward, NumericMatchReward, RegexReward, ContainsReward, FormatReward, LengthPenaltyReward,
+    CombinedReward,
+)
+RewardSpec = Annotated[Union[REWARD_SPEC_CLASSES], Field(discriminator="type")]  # noqa: UP007 - from a tuple
 
 
 def reward_functions(spec: RewardSpec) -> list[RewardFunction]:

@@ -1,7 +1,9 @@
-"""An eval on a worker: claim it, keep its heartbeat, evaluate every model, end it.
+"""An eval on a worker: claim it, keep its heartbeat, evaluate every model in turn, end it.
 
-A message for an eval someone else holds (a re-delivery, a reaper re-send) finds no claim and
-returns at once; an attempt that lost its lease has its writes refused and stops.
+Evals are jobs like runs (`app.jobs`): a claim moves a `queued` eval (or a `running` one whose
+heartbeat went stale) to `running` and increments `attempt`; every later write of that attempt is
+fenced by it. A message for an eval someone else holds (a re-delivery, a reaper re-send) finds no
+claim and returns at once; an attempt that lost its lease has its writes refused and stops.
 """
 
 from __future__ import annotations
@@ -9,18 +11,26 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from functools import cache
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Eval, utcnow
+from app.db.models import Eval, Team, utcnow
 from app.db.session import make_session_factory
-from app.services.eval_execution import StaleEvalAttempt, claim_eval, execute_eval, save_eval
+from app.errors import ApiError
+from app.inference.resolution import resolve_model
+from app.jobs.lease import Lease, StaleAttempt, claim, end_attempt, fence
+from app.jobs.states import EVAL
+from app.schemas.evals import EvalCreate, EvalResults, ModelResult
+from app.services.datasets import usable_dataset
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
-from worker.lease import Heartbeat
 
 log = logging.getLogger("tuneyard.worker.evals")
+
+PROGRESS_EVERY_S = 1.0
 
 
 @cache
@@ -40,24 +50,95 @@ def execute_claimed_eval(eval_id: str, *, settings: Settings, sessions: sessionm
     """Returns succeeded|failed, or skipped (not claimable) or superseded (lost its lease)."""
     owner = f"{socket.gethostname()}:{os.getpid()}"
     with sessions() as session:
-        attempt = claim_eval(session, eval_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
-                             max_attempts=settings.max_attempts)
-        if attempt is None:
+        claimed = claim(session, EVAL, eval_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
+                        max_attempts=settings.max_attempts)
+        if claimed is None:
             row = session.get(Eval, eval_id)
             log.info("eval %s: not claimed (%s); this delivery exits", eval_id,
                      f"{row.status}, attempt {row.attempt}" if row else "no such eval")
             return "skipped"
-    log.info("eval %s: attempt %d claimed by %s", eval_id, attempt, owner)
-
-    def beat() -> None:
-        with sessions() as beat_session:
-            save_eval(beat_session, eval_id, attempt)
-
-    heartbeat = Heartbeat(f"eval {eval_id}", beat, settings.heartbeat_seconds, StaleEvalAttempt).start()
+    log.info("eval %s: attempt %d claimed by %s", eval_id, claimed.attempt, owner)
+    lease = Lease(sessions, EVAL, eval_id, claimed.attempt,
+                  heartbeat_seconds=settings.heartbeat_seconds).start()
     try:
-        return execute_eval(sessions, settings, store, eval_id, attempt)
-    except StaleEvalAttempt:
-        log.warning("eval %s: attempt %d was superseded; its results are discarded", eval_id, attempt)
+        return execute_eval(sessions, settings, store, eval_id, claimed.attempt)
+    except StaleAttempt:
+        log.warning("eval %s: attempt %d was superseded; its results are discarded", eval_id, claimed.attempt)
         return "superseded"
     finally:
-        heartbeat.stop()
+        lease.stop()
+
+
+def save(session: Session, eval_id: str, attempt: int, **values: Any) -> None:
+    """Commits `values` with a fresh heartbeat for the attempt that holds the eval; raises StaleAttempt."""
+    fence(session, EVAL, eval_id, attempt, **values)
+    session.commit()
+
+
+def results_object(results: list[ModelResult]) -> dict[str, Any]:
+    """Returns the stored results: a side-by-side table and each model's metrics and samples."""
+    table = [{"model": r.model, **r.metrics} for r in results]
+    return EvalResults(table=table, models=results).model_dump(mode="json")
+
+
+def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, eval_id: str,
+                 attempt: int) -> str:
+    """Returns the eval's final status after attempt `attempt` evaluated every model; raises
+    StaleAttempt when the attempt lost the eval (nothing more of it is written)."""
+    # Imported here: torch and the model code load only in the worker that evaluates.
+    from app.inference.loading import load_local_model
+    from trainer_core.data import load_records
+    from trainer_core.evaluation import GenerationSettings, evaluate
+    from trainer_core.modeling import choose_device
+
+    with sessions() as session:
+        row = session.get(Eval, eval_id)
+        assert row is not None
+        team = session.get(Team, row.team_id)
+        assert team is not None
+        request = EvalCreate.model_validate(row.request)
+        current: str | None = None
+        try:
+            dataset = usable_dataset(session, team, request.dataset_id, param="dataset_id")
+            fmt = dataset.format or ""
+            records = load_records(store.path_for(dataset.blob_key), fmt)[: request.max_examples]  # type: ignore[arg-type]
+            generation = GenerationSettings(
+                **request.generation.model_dump() | {"stop": tuple(request.generation.stop)}
+            )
+            device = choose_device("auto")
+            results: list[ModelResult] = []
+            last_report = 0.0
+            for index, current in enumerate(request.models):
+                local = load_local_model(resolve_model(session, settings, store, team, current), device)
+
+                def report(fraction: float, index: int = index) -> None:
+                    nonlocal last_report
+                    if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                        last_report = time.monotonic()
+                        done = (index + fraction) / len(request.models)
+                        save(session, eval_id, attempt, progress=done)
+
+                outcome = evaluate(
+                    local.model, local.tokenizer, records, fmt, request.metrics, generation=generation,
+                    eos_token_ids=local.eos_token_ids, num_samples=request.num_samples, on_progress=report,
+                )
+                del local
+                results.append(ModelResult(model=current, metrics=outcome.metrics,
+                                           num_examples=outcome.num_examples, samples=outcome.samples))
+                save(session, eval_id, attempt, results=results_object(results),
+                     progress=(index + 1) / len(request.models))
+            end_attempt(session, EVAL, eval_id, attempt, "succeeded")
+            session.commit()
+        except StaleAttempt:
+            raise
+        except Exception as exc:  # any failure ends the eval with a message the user can act on
+            session.rollback()
+            log.exception("eval %s failed on model %s", eval_id, current)
+            message = exc.message if isinstance(exc, ApiError) else str(exc) or type(exc).__name__
+            where = f"model {current}: " if current else ""
+            error = {"type": type(exc).__name__, "message": where + message, "model": current}
+            end_attempt(session, EVAL, eval_id, attempt, "failed", error)
+            session.commit()
+            return "failed"
+    log.info("eval %s: succeeded (attempt %d)", eval_id, attempt)
+    return "succeeded"

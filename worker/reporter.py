@@ -23,11 +23,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Checkpoint, RunStage, utcnow
+from app.jobs.lease import Claim, Lease, add_event, fence
+from app.jobs.states import RUN
 from app.services.checkpoints import MANIFEST, mark_checkpoint_removed, register_checkpoint
-from app.services.execution import Claim, add_event, fence
 from app.services.metrics import MetricPoint, upsert_metrics
 from trainer_core.reporting import CheckpointInfo
-from worker.lease import Lease
 
 log = logging.getLogger("tuneyard.worker.reporter")
 
@@ -87,7 +87,7 @@ class DbReporter:
                  flush_seconds: float = 0.5) -> None:
         self._sessions = sessions
         self._root = store_root.resolve()
-        self.run_id = claim.run_id
+        self.run_id = claim.job_id
         self.attempt = claim.attempt
         self.resume_reason = claim.resume_reason
         self.team_id = team_id
@@ -122,7 +122,7 @@ class DbReporter:
             data["reason"] = self.resume_reason
         level = "warning" if kind in ("resumed", "warning") else "info"
         with self._sessions() as session:
-            fence(session, self.run_id, self.attempt)
+            fence(session, RUN, self.run_id, self.attempt)
             now = utcnow()
             index = data.get("stage_index")
             if kind == "stage_started" and index is not None:
@@ -138,7 +138,7 @@ class DbReporter:
         self.flush()
         metrics = dict(info.metrics) or dict(self.latest.get(info.stage_index, {}))
         with self._sessions() as session:
-            fence(session, self.run_id, self.attempt)
+            fence(session, RUN, self.run_id, self.attempt)
             checkpoint = register_checkpoint(
                 session, run_id=self.run_id, team_id=self.team_id, stage_index=info.stage_index,
                 step=info.step, kind=info.kind, blob_prefix=self.blob_key(info.path),
@@ -159,7 +159,7 @@ class DbReporter:
         found = {self.blob_key(folder): manifest for folder, manifest in complete_folders(work_dir)}
         prefix = self.blob_key(work_dir) + "/"
         with self._sessions() as session:
-            fence(session, self.run_id, self.attempt)
+            fence(session, RUN, self.run_id, self.attempt)
             live = set(session.scalars(select(Checkpoint.blob_prefix).where(
                 Checkpoint.run_id == self.run_id, Checkpoint.deleted_at.is_(None))))
             registered = []
@@ -183,7 +183,7 @@ class DbReporter:
 
     def on_checkpoint_removed(self, path: Path) -> None:
         with self._sessions() as session:
-            fence(session, self.run_id, self.attempt)
+            fence(session, RUN, self.run_id, self.attempt)
             mark_checkpoint_removed(session, self.run_id, self.blob_key(path))
             session.commit()
 
@@ -199,7 +199,7 @@ class DbReporter:
             return
         points, self._buffer = self._buffer, []
         with self._sessions() as session:
-            fence(session, self.run_id, self.attempt)
+            fence(session, RUN, self.run_id, self.attempt)
             upsert_metrics(session, self.run_id, points)
             furthest: dict[int, int] = {}
             for p in points:

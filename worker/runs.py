@@ -29,20 +29,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.broker import create_celery, send_task
 from app.db.models import Dataset, Run, Team, utcnow
 from app.db.session import make_session_factory
-from app.services.execution import (
-    Claim,
-    StaleAttempt,
-    add_event,
-    claim_run,
-    finish_attempt,
-    requeue_attempt,
-)
+from app.errors import ApiError
+from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_attempt, requeue_attempt
+from app.jobs.states import RUN
+from app.services.datasets import check_usable
 from app.services.models import base_model_dir, finished_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
-from trainer_core.errors import TrainingDataError
-from worker.lease import Lease
+from trainer_core.errors import GraderFailure, TrainingDataError
+from trainer_core.graders.scoring import GraderRuntime
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
 
@@ -82,8 +78,9 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
     """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
     owner = f"{socket.gethostname()}:{os.getpid()}"
     with sessions() as session:
-        claim = claim_run(session, run_id, owner, utcnow(), settings.lease_seconds)
-        if claim is None:
+        claimed = claim(session, RUN, run_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
+                        max_attempts=settings.max_attempts)
+        if claimed is None:
             run = session.get(Run, run_id)
             log.info("run %s: not claimed (%s); this delivery exits", run_id,
                      f"{run.status}, attempt {run.attempt}" if run else "no such run")
@@ -91,9 +88,10 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
         run = session.get(Run, run_id)
         assert run is not None
         spec_json, team_id, num_stages = run.spec, run.team_id, len(run.stages)
-    log.info("run %s: attempt %d claimed by %s", run_id, claim.attempt, owner)
-    lease = Lease(sessions, run_id, claim.attempt, heartbeat_seconds=settings.heartbeat_seconds).start()
-    reporter = DbReporter(sessions, store.root, claim, team_id, lease, num_stages=num_stages)
+    log.info("run %s: attempt %d claimed by %s", run_id, claimed.attempt, owner)
+    lease = Lease(sessions, RUN, run_id, claimed.attempt,
+                  heartbeat_seconds=settings.heartbeat_seconds).start()
+    reporter = DbReporter(sessions, store.root, claimed, team_id, lease, num_stages=num_stages)
     work_dir = store.path_for(work_dir_key(run_id))
     try:
         # A worker that died between writing a checkpoint and registering it left a complete folder
@@ -109,36 +107,39 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
+                graders=grader_runtime(settings),
             )
         reporter.flush()
-        return _end(sessions, claim, lease, result.status)
+        return _end(sessions, claimed, lease, result.status)
     except StaleAttempt:
-        log.warning("run %s: attempt %d was superseded; its results are discarded", run_id, claim.attempt)
+        log.warning("run %s: attempt %d was superseded; its results are discarded", run_id, claimed.attempt)
         return "superseded"
     except TrainingDataError as exc:
-        return _fail(sessions, claim, reporter, "training_data_error", str(exc))
+        return _fail(sessions, claimed, reporter, "training_data_error", str(exc))
+    except GraderFailure as exc:
+        return _fail(sessions, claimed, reporter, "grader_error", str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
-            return _fail(sessions, claim, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
-        log.exception("run %s: attempt %d hit a system error", run_id, claim.attempt)
-        return _retry_or_fail(sessions, celery, claim, reporter, exc)
+            return _fail(sessions, claimed, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
+        log.exception("run %s: attempt %d hit a system error", run_id, claimed.attempt)
+        return _retry_or_fail(sessions, celery, claimed, reporter, exc)
     finally:
         lease.stop()
 
 
 def _end(sessions: sessionmaker[Session], claim: Claim, lease: Lease, status: str) -> str:
     if status == "stopped" and lease.lost.is_set():
-        raise StaleAttempt(claim.run_id, claim.attempt)
+        raise StaleAttempt(RUN.name, claim.job_id, claim.attempt)
     if status == "stopped" and not lease.cancel_requested.is_set():
         raise RuntimeError("the trainer stopped without a cancel request")
     outcome = "succeeded" if status == "succeeded" else "cancelled"
     message = ("run succeeded" if outcome == "succeeded"
                else "run cancelled; its last checkpoint is kept (POST /v1/runs/{id}/resume continues it)")
     with sessions() as session:
-        finish_attempt(session, claim.run_id, claim.attempt, outcome)
-        add_event(session, claim.run_id, claim.attempt, outcome, message.replace("{id}", claim.run_id))
+        end_attempt(session, RUN, claim.job_id, claim.attempt, outcome)
+        add_event(session, claim.job_id, claim.attempt, outcome, message.replace("{id}", claim.job_id))
         session.commit()
-    log.info("run %s: %s", claim.run_id, outcome)
+    log.info("run %s: %s", claim.job_id, outcome)
     return outcome
 
 
@@ -147,11 +148,11 @@ def _fail(sessions: sessionmaker[Session], claim: Claim, reporter: DbReporter, c
     """Ends the run failed with no retry (the user has to change the data or the spec)."""
     _flush_quietly(reporter)
     with sessions() as session:
-        finish_attempt(session, claim.run_id, claim.attempt, "failed", {"code": code, "message": message})
-        add_event(session, claim.run_id, claim.attempt, "error", message, {"code": code, "retry": False},
+        end_attempt(session, RUN, claim.job_id, claim.attempt, "failed", {"code": code, "message": message})
+        add_event(session, claim.job_id, claim.attempt, "error", message, {"code": code, "retry": False},
                   "error")
         session.commit()
-    log.info("run %s: failed (%s): %s", claim.run_id, code, message)
+    log.info("run %s: failed (%s): %s", claim.job_id, code, message)
     return "failed"
 
 
@@ -160,21 +161,21 @@ def _retry_or_fail(sessions: sessionmaker[Session], celery: Celery, claim: Claim
     _flush_quietly(reporter)
     reason = f"{type(exc).__name__}: {exc}"
     with sessions() as session:
-        requeued = requeue_attempt(session, claim.run_id, claim.attempt, kind="retrying",
+        requeued = requeue_attempt(session, claim.job_id, claim.attempt, kind="retrying",
                                    message=f"attempt {claim.attempt} failed with a system error ({reason}); "
                                            "retrying from the last checkpoint",
                                    data={"error": reason})
         if not requeued:
-            run = session.get(Run, claim.run_id)
-            if run is not None and run.status in ("running", "cancelling"):
+            run = session.get(Run, claim.job_id)
+            if run is not None and run.status in RUN.live:
                 message = f"system error on the last allowed attempt ({claim.attempt}): {reason}"
-                finish_attempt(session, claim.run_id, claim.attempt, "failed",
-                               {"code": "attempts_exhausted", "message": message})
-                add_event(session, claim.run_id, claim.attempt, "error", message,
+                end_attempt(session, RUN, claim.job_id, claim.attempt, "failed",
+                            {"code": "attempts_exhausted", "message": message})
+                add_event(session, claim.job_id, claim.attempt, "error", message,
                           {"code": "attempts_exhausted", "retry": False}, "error")
         session.commit()
     if requeued:
-        send_task(celery, "tuneyard.train_run", [claim.run_id])
+        send_task(celery, RUN.task, [claim.job_id])
         return "requeued"
     return "failed"
 
@@ -208,12 +209,12 @@ def resolve_inputs(session: Session, settings: Settings, store: LocalBlobStore, 
     paths: dict[str, Path] = {}
     formats: dict[str, str] = {}
     for dataset_id in ids:
-        dataset = found.get(dataset_id)
-        if dataset is None or dataset.status != "ready" or dataset.format is None:
-            state = dataset.status if dataset else "deleted"
-            raise TrainingDataError(f"dataset {dataset_id} is {state}; upload it again and resume the run")
+        try:
+            dataset = check_usable(found.get(dataset_id), dataset_id, "dataset")
+        except ApiError as exc:
+            raise TrainingDataError(f"{exc.message} (then resume the run)") from None
         paths[dataset_id] = store.path_for(dataset.blob_key)
-        formats[dataset_id] = dataset.format
+        formats[dataset_id] = dataset.format or ""
     base = _model_path(session, settings, store, team_id, spec.base_model)
     return RunInputs(base, paths, formats)
 
@@ -230,6 +231,14 @@ def _model_path(session: Session, settings: Settings, store: LocalBlobStore, tea
         raise TrainingDataError(f"checkpoint {name} is a LoRA adapter; train from the run's merged export "
                                 "(export: [\"merged\"]) or from a base model")
     return store.path_for(checkpoint.blob_prefix)
+
+
+def grader_runtime(settings: Settings) -> GraderRuntime:
+    """Returns what graders need on this worker: the sandbox, the default judge and the environment."""
+    return GraderRuntime(
+        secrets=dict(os.environ), judge_base_url=settings.default_judge_url,
+        judge_api_key=settings.judge_api_key,
+    )
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,

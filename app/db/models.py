@@ -110,7 +110,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
-    # queued|running|cancelling|succeeded|failed|cancelled — see app.services.run_states
+    # queued|running|cancelling|succeeded|failed|cancelled — see app.jobs.states
     status: Mapped[str] = mapped_column(String(20), default="queued")
     base_model: Mapped[str] = mapped_column(String(300))
     spec: Mapped[dict[str, Any]]
@@ -215,7 +215,7 @@ class Eval(Base):
     __tablename__ = "evals"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued|running|succeeded|failed
+    status: Mapped[str] = mapped_column(String(20), default="queued")  # see app.jobs.states (EVAL_STATES)
     request: Mapped[dict[str, Any]]
     results: Mapped[dict[str, Any] | None]
     error: Mapped[dict[str, Any] | None]

@@ -6,11 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from app.db.models import Dataset
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, StoreDep
 from app.errors import error_responses
 from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
 from app.schemas.datasets import DatasetDeleted, DatasetOut, DatasetPreview
 from app.services import datasets as service
+from app.services.owned import get_owned
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -62,7 +64,7 @@ def list_datasets(
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404))
 def get_dataset(dataset_id: str, session: SessionDep, team: CurrentTeam) -> DatasetOut:
-    return DatasetOut.model_validate(service.get_dataset(session, team, dataset_id))
+    return DatasetOut.model_validate(get_owned(session, Dataset, team, dataset_id))
 
 
 @router.get("/{dataset_id}/preview", response_model=DatasetPreview, responses=error_responses(401, 404, 422))
@@ -70,7 +72,7 @@ def preview_dataset(
     dataset_id: str, session: SessionDep, store: StoreDep, team: CurrentTeam,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> DatasetPreview:
-    dataset = service.get_dataset(session, team, dataset_id)
+    dataset = get_owned(session, Dataset, team, dataset_id)
     return DatasetPreview(dataset_id=dataset.id, data=service.preview_dataset(store, dataset, limit))
 
 

@@ -6,11 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from app.db.models import Eval
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, StoreDep
 from app.errors import error_responses
 from app.schemas.common import MAX_PAGE, ListPage
 from app.schemas.evals import EvalCreate, EvalOut
 from app.services import evals as service
+from app.services.owned import get_owned
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 
@@ -39,4 +41,4 @@ def list_evals(
 
 @router.get("/{eval_id}", response_model=EvalOut, responses=error_responses(401, 404))
 def get_eval(eval_id: str, session: SessionDep, team: CurrentTeam) -> EvalOut:
-    return service.to_out(service.get_eval(session, team, eval_id))
+    return service.to_out(get_owned(session, Eval, team, eval_id))

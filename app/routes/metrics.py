@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from app.db.models import Run
 from app.deps import CurrentTeam, SessionDep
 from app.errors import error_responses
 from app.schemas.metrics import MetricSeriesList
 from app.services import metrics as service
-from app.services.runs import get_run
+from app.services.owned import get_owned
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -26,7 +27,7 @@ def get_metrics(
     after_step: Annotated[int | None, Query(ge=0)] = None,
     max_points: Annotated[int, Query(ge=2, le=MAX_POINTS)] = 1000,
 ) -> MetricSeriesList:
-    run = get_run(session, team, run_id)
+    run = get_owned(session, Run, team, run_id)
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
     return service.query_series(session, run.id, stage=stage, split=split, names=wanted,
                                 after_step=after_step, max_points=max_points)

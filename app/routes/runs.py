@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
+from app.db.models import Run
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep
 from app.errors import error_responses
 from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
 from app.schemas.runs import EventOut, RunOut, RunStatus
-from app.services import execution
 from app.services import runs as service
+from app.services.owned import get_owned
 from trainer_core.config import RunSpec
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -41,7 +42,7 @@ def list_runs(
 
 @router.get("/{run_id}", response_model=RunOut, responses=error_responses(401, 404))
 def get_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
-    return service.run_out(service.get_run(session, team, run_id))
+    return service.run_out(get_owned(session, Run, team, run_id))
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, responses=error_responses(401, 404, 409))
@@ -53,7 +54,7 @@ def cancel_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
 def resume_run(run_id: str, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
                team: CurrentTeam) -> RunOut:
     """Queues a failed or cancelled run again; it continues from its last complete checkpoint."""
-    return service.run_out(execution.resume_run(session, settings, celery, team, run_id))
+    return service.run_out(service.resume_run(session, settings, celery, team, run_id))
 
 
 @router.get("/{run_id}/events", response_model=ListPage[EventOut], responses=error_responses(401, 404, 422))

@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from app.db.models import Run
 from app.deps import CurrentTeam, SessionDep
 from app.errors import error_responses
 from app.services.events import StreamCursor, stream_run
-from app.services.runs import get_run
+from app.services.owned import get_owned
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -24,7 +25,7 @@ def stream(
     after: Annotated[str | None, Query(max_length=100, description="cursor, for clients that cannot "
                                                                  "set Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    run = get_run(session, team, run_id)
+    run = get_owned(session, Run, team, run_id)
     session.close()  # the stream polls with short sessions of its own; hold no connection while it lasts
     cursor = StreamCursor.parse(last_event_id or after)
     return StreamingResponse(stream_run(request.app.state.sessions, run.id, cursor),

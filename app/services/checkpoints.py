@@ -16,13 +16,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Checkpoint, Team, utcnow
+from app.db.models import Checkpoint, Run, Team, utcnow
 from app.errors import NotFound
 from app.ids import new_id
 from app.schemas.checkpoints import CheckpointOut
 from app.schemas.common import ListPage
+from app.services.owned import get_owned
 from app.services.pagination import paginate
-from app.services.runs import get_run
 from app.storage import LocalBlobStore
 
 MANIFEST = "manifest.json"
@@ -72,9 +72,7 @@ def _mark_best(session: Session, run_id: str, stage_index: int) -> None:
 
 def get_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint:
     """Returns the team's live checkpoint; 404 for a missing, deleted or another team's one."""
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None or checkpoint.team_id != team.id:
-        raise NotFound(f"no checkpoint {checkpoint_id!r}", param="checkpoint_id")
+    checkpoint = get_owned(session, Checkpoint, team, checkpoint_id)
     if checkpoint.deleted_at is not None:
         raise NotFound(f"checkpoint {checkpoint_id} was deleted by retention (keep_checkpoints)",
                        code="checkpoint_deleted", param="checkpoint_id")
@@ -84,7 +82,7 @@ def get_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoi
 def list_checkpoints(session: Session, team: Team, run_id: str, *, limit: int,
                      after: str | None) -> ListPage[CheckpointOut]:
     """Returns the run's live checkpoints, oldest first."""
-    run = get_run(session, team, run_id)
+    run = get_owned(session, Run, team, run_id)
     stmt = select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.deleted_at.is_(None))
     rows, has_more, cursor = paginate(session, stmt, Checkpoint.id, limit=limit, after=after,
                                       newest_first=False)

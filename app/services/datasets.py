@@ -20,13 +20,14 @@ from app.broker import send_task
 from app.db.models import Dataset, Run, Team
 from app.errors import ApiError, Conflict, NotFound, Unprocessable
 from app.ids import is_id, new_id
+from app.jobs.states import RUN_STATES
 from app.schemas.common import ListPage
 from app.schemas.datasets import DatasetOut
+from app.services.owned import get_owned
 from app.services.pagination import paginate
-from app.services.run_states import ACTIVE
 from app.services.uploads import store_upload
 from app.storage import BlobStore
-from trainer_core.config import DatasetFormat, RunSpec
+from trainer_core.config import METHOD_FORMATS, DatasetFormat, RunSpec
 
 log = logging.getLogger("tuneyard.datasets")
 
@@ -83,12 +84,34 @@ async def upload_dataset(session: Session, store: BlobStore, celery: Celery, tea
     return dataset
 
 
-def get_dataset(session: Session, team: Team, dataset_id: str) -> Dataset:
-    """Returns the team's dataset; 404 for a missing one or another team's."""
-    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id, "ds") else None
-    if dataset is None or dataset.team_id != team.id:
-        raise NotFound(f"no dataset {dataset_id!r}", param="dataset_id")
+def check_usable(dataset: Dataset | None, dataset_id: str, param: str, *, method: str | None = None,
+                 missing: type[ApiError] = Unprocessable) -> Dataset:
+    """Returns the dataset when a job can use it: ready, and in a format `method` trains on.
+
+    Missing (or another team's): `missing` (422 where a run spec names it, 404 for an eval's
+    `dataset_id`); still validating: 409 (retry once validation finished); invalid or the wrong
+    format: 422. Every error names `param`.
+    """
+    if dataset is None:
+        raise missing(f"{param}: no dataset {dataset_id!r}", code="dataset_not_found", param=param)
+    if dataset.status == "validating":
+        raise Conflict(f"{param}: dataset {dataset_id} is still validating; retry when it is ready",
+                       code="dataset_not_ready", param=param)
+    if dataset.status != "ready" or dataset.format is None:
+        raise Unprocessable(f"{param}: dataset {dataset_id} is {dataset.status}; fix the file and upload it "
+                            "again", code="dataset_invalid", param=param)
+    accepted = METHOD_FORMATS[method] if method else (dataset.format,)
+    if dataset.format not in accepted:
+        raise Unprocessable(f"{param}: dataset {dataset_id} has format {dataset.format!r}, method {method!r} "
+                            f"trains on {' or '.join(accepted)}", code="dataset_format_mismatch", param=param)
     return dataset
+
+
+def usable_dataset(session: Session, team: Team, dataset_id: str, *, param: str) -> Dataset:
+    """Returns the team's usable dataset (`check_usable`; a missing one answers 404)."""
+    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id, "ds") else None
+    owned = dataset if dataset is not None and dataset.team_id == team.id else None
+    return check_usable(owned, dataset_id, param, missing=NotFound)
 
 
 def list_datasets(session: Session, team: Team, *, limit: int, after: str | None) -> ListPage[DatasetOut]:
@@ -127,7 +150,7 @@ def preview_dataset(store: BlobStore, dataset: Dataset, limit: int) -> list[Any]
 
 def runs_using(session: Session, team: Team, dataset_id: str) -> list[str]:
     """Returns the ids of the team's queued/running/cancelling runs that read the dataset."""
-    runs = session.scalars(select(Run).where(Run.team_id == team.id, Run.status.in_(ACTIVE))).all()
+    runs = session.scalars(select(Run).where(Run.team_id == team.id, Run.status.in_(RUN_STATES.active))).all()
     using = []
     for run in runs:
         try:
@@ -141,7 +164,7 @@ def runs_using(session: Session, team: Team, dataset_id: str) -> list[str]:
 
 def delete_dataset(session: Session, store: BlobStore, team: Team, dataset_id: str) -> None:
     """Deletes the dataset and its blob; 409 while an active run uses it."""
-    dataset = get_dataset(session, team, dataset_id)
+    dataset = get_owned(session, Dataset, team, dataset_id)
     using = runs_using(session, team, dataset_id)
     if using:
         raise Conflict(f"dataset {dataset_id} is used by active run(s) {', '.join(using)}; cancel them or "

@@ -1,5 +1,5 @@
 """Eval jobs: create (validated, then one `tuneyard.run_eval` message on the `eval` queue), read, list.
-The worker's side (claim, fenced writes, evaluation) is in `app.services.eval_execution`.
+The worker's side (claim, fenced writes, evaluation) is in `worker.evals`.
 
 An eval's models are resolved when it is created, so an alias names the checkpoint it meant then.
 """
@@ -12,12 +12,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.broker import send_task
-from app.db.models import Dataset, Eval, Team
-from app.errors import ApiError, Conflict, NotFound, Unprocessable
+from app.db.models import Eval, Team
+from app.errors import ApiError, Unprocessable
 from app.ids import new_id
 from app.inference.resolution import resolve_model
 from app.schemas.common import ListPage
 from app.schemas.evals import EvalCreate, EvalError, EvalOut, EvalResults
+from app.services.datasets import usable_dataset
 from app.services.pagination import paginate
 from app.settings import Settings
 from app.storage import LocalBlobStore
@@ -44,31 +45,11 @@ def to_out(row: Eval) -> EvalOut:
     )
 
 
-def usable_dataset(session: Session, team: Team, dataset_id: str) -> Dataset:
-    """Returns the team's ready dataset; 404 when missing, 409 while validating, 422 when invalid."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.team_id != team.id:
-        raise NotFound(f"no dataset {dataset_id!r}", code="dataset_not_found", param="dataset_id")
-    if dataset.status == "validating":
-        raise Conflict(
-            f"dataset {dataset_id} is still validating; retry when it is ready",
-            code="dataset_not_ready",
-            param="dataset_id",
-        )
-    if dataset.status != "ready" or dataset.format is None:
-        raise Unprocessable(
-            f"dataset {dataset_id} is {dataset.status}; fix the file and upload it again",
-            code="dataset_invalid",
-            param="dataset_id",
-        )
-    return dataset
-
-
 def create_eval(
     session: Session, settings: Settings, store: LocalBlobStore, celery: Celery, team: Team, body: EvalCreate
 ) -> Eval:
     """Returns the new `queued` eval after checking its dataset, metrics and models, and queues it."""
-    dataset = usable_dataset(session, team, body.dataset_id)
+    dataset = usable_dataset(session, team, body.dataset_id, param="dataset_id")
     try:
         check_metrics(body.metrics, dataset.format or "")
     except ValueError as exc:
@@ -85,14 +66,6 @@ def create_eval(
     session.add(row)
     session.commit()
     send_task(celery, "tuneyard.run_eval", [row.id])
-    return row
-
-
-def get_eval(session: Session, team: Team, eval_id: str) -> Eval:
-    """Returns the team's eval; 404 for a missing one or another team's."""
-    row = session.get(Eval, eval_id)
-    if row is None or row.team_id != team.id:
-        raise NotFound(f"no eval {eval_id!r}", param="eval_id")
     return row
 
 

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Event, Metric, Run
 from app.errors import Unprocessable
+from app.jobs.states import RUN_STATES
 from app.schemas.runs import EventOut
-from app.services.run_states import TERMINAL
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -132,7 +132,7 @@ async def stream_run(sessions: sessionmaker[Session], run_id: str, cursor: Strea
             last_sent = time.monotonic()
         elif result.messages:
             last_sent = time.monotonic()
-        if result.status in TERMINAL and not result.full:
+        if result.status in RUN_STATES.terminal and not result.full:
             return
         if result.full:
             continue

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset, Team
-from app.errors import NotFound
 from app.schemas.common import OpenAIPage
 from app.schemas.files import FileOut
 from app.services import datasets
+from app.services.owned import get_owned
 from app.services.pagination import paginate
 from app.storage import BlobStore
 
@@ -70,7 +70,4 @@ def list_files(session: Session, team: Team, *, purpose: str | None, limit: int,
 
 def get_file(session: Session, team: Team, file_id: str) -> Dataset:
     """Returns the team's dataset behind a file id; 404 naming the file otherwise."""
-    try:
-        return datasets.get_dataset(session, team, file_id)
-    except NotFound:
-        raise NotFound(f"no file {file_id!r}", code="file_not_found", param="file_id") from None
+    return get_owned(session, Dataset, team, file_id, code="file_not_found")

@@ -36,10 +36,12 @@ from sqlalchemy.orm import Session
 from app.db.models import Dataset, FineTuningJob, Run, Team, utcnow
 from app.errors import ApiError, Conflict, NotFound
 from app.ids import new_id
+from app.jobs.lease import add_event
 from app.schemas.fine_tuning import JobCreate
-from app.services import execution, outbox, runs
+from app.services import outbox, runs
 from app.services.files import error_lines
 from app.services.models import base_model_dir
+from app.services.owned import get_owned
 from app.settings import Settings
 from trainer_core.config import DPOStage, GRPOStage, RunSpec, SFTStage
 
@@ -77,11 +79,11 @@ def hyperparameters_of(method: dict[str, Any]) -> dict[str, Any]:
 
 
 def _usable_file(session: Session, team: Team, file_id: str, param: str) -> Dataset:
-    dataset = session.get(Dataset, file_id)
-    if dataset is None or dataset.team_id != team.id:
+    try:
+        return get_owned(session, Dataset, team, file_id)
+    except NotFound:
         raise ApiError(f"{param}: no file {file_id!r}; upload it with POST /v1/files first",
-                       code="file_not_found", param=param)
-    return dataset
+                       code="file_not_found", param=param) from None
 
 
 def create_job(session: Session, settings: Settings, celery: Celery, team: Team,
@@ -170,10 +172,9 @@ def _start_if_ready(session: Session, settings: Settings, team: Team, job: FineT
     job.run_id, job.method = run.id, method
     ignored = [k for k in IGNORED_RL_HYPERPARAMETERS if k in hyperparameters_of(method)]
     if ignored:
-        execution.add_event(session, run.id, 0, "ignored_hyperparameters",
-                            f"accepted and ignored: {', '.join(ignored)} (no equivalent in Tuneyard's GRPO "
-                            "stage)",
-                            {"ignored": ignored}, "warning")
+        add_event(session, run.id, 0, "ignored_hyperparameters",
+                  f"accepted and ignored: {', '.join(ignored)} (no equivalent in Tuneyard's GRPO stage)",
+                  {"ignored": ignored}, "warning")
     return run
 
 
@@ -299,10 +300,7 @@ def _integrations(job: FineTuningJob) -> dict[str, Any]:
 
 def get_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
     """Returns the team's job; 404 for a missing one or another team's."""
-    job = session.get(FineTuningJob, job_id)
-    if job is None or job.team_id != team.id:
-        raise NotFound(f"no fine-tuning job {job_id!r}", code="job_not_found", param="fine_tuning_job_id")
-    return job
+    return get_owned(session, FineTuningJob, team, job_id, code="job_not_found")
 
 
 def job_run(session: Session, job: FineTuningJob) -> Run | None:
@@ -382,5 +380,5 @@ def resume_job(session: Session, settings: Settings, celery: Celery, team: Team,
                        "checkpoint); retry in a few seconds", code="job_pausing")
     job.paused = False
     session.flush()
-    execution.resume_run(session, settings, celery, team, run.id)
+    runs.resume_run(session, settings, celery, team, run.id)
     return job

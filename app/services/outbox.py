@@ -42,10 +42,17 @@ def emit(session: Session, team_id: str, event_type: str, data: dict[str, Any]) 
     return event
 
 
-def run_ended(session: Session, run_id: str, status: str) -> None:
-    """Adds the events of a run that just reached `status` (nothing unless it is an end state)."""
+def job_moved(session: Session, kind: str, job_id: str, status: str) -> None:
+    """Adds the events of a run or an eval that just moved to `status` (only ends are announced)."""
     if status not in _ENDS:
         return
+    if kind == "run":
+        _run_ended(session, job_id, status)
+    else:
+        _eval_ended(session, job_id, status)
+
+
+def _run_ended(session: Session, run_id: str, status: str) -> None:
     team_id = session.scalar(select(Run.team_id).where(Run.id == run_id))
     if team_id is None:
         return
@@ -60,10 +67,7 @@ def job_ended(session: Session, job: FineTuningJob, status: str) -> None:
     emit(session, job.team_id, f"fine_tuning.job.{status}", {"id": job.id})
 
 
-def eval_ended(session: Session, eval_id: str, status: str) -> None:
-    """Adds the event of an eval that just reached `status` (nothing unless it is an end state)."""
-    if status not in _ENDS:
-        return
+def _eval_ended(session: Session, eval_id: str, status: str) -> None:
     team_id = session.scalar(select(Eval.team_id).where(Eval.id == eval_id))
     if team_id is not None:
         emit(session, team_id, f"eval.{status}", {"id": eval_id, "status": status})

@@ -22,16 +22,19 @@ from sqlalchemy.orm import Session, object_session
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
-from app.errors import Conflict, NotFound, Unprocessable
+from app.errors import Conflict, Unprocessable
 from app.ids import is_id, new_id
+from app.jobs.lease import add_event
+from app.jobs.states import RUN, IllegalTransition, transition_atomically
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
+from app.services.datasets import check_usable
 from app.services.metrics import run_progress
 from app.services.models import base_model_dir, finished_checkpoint
+from app.services.owned import get_owned
 from app.services.pagination import paginate
-from app.services.run_states import IllegalTransition, transition_atomically
 from app.settings import Settings
-from trainer_core.config import METHOD_FORMATS, RunSpec
+from trainer_core.config import RunSpec
 
 log = logging.getLogger("tuneyard.runs")
 
@@ -40,21 +43,6 @@ def request_hash(spec: RunSpec) -> str:
     """Returns a stable hash of the submitted spec (to tell a retry from a different request)."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _check_dataset(dataset: Dataset | None, dataset_id: str, method: str, param: str) -> None:
-    if dataset is None:
-        raise Unprocessable(f"{param}: no dataset {dataset_id!r}", code="dataset_not_found", param=param)
-    if dataset.status == "validating":
-        raise Conflict(f"{param}: dataset {dataset_id} is still validating; retry when it is ready",
-                       code="dataset_not_ready", param=param)
-    if dataset.status != "ready":
-        raise Unprocessable(f"{param}: dataset {dataset_id} is {dataset.status}; fix the file and upload it "
-                            "again", code="dataset_invalid", param=param)
-    accepted = METHOD_FORMATS[method]
-    if dataset.format not in accepted:
-        raise Unprocessable(f"{param}: dataset {dataset_id} has format {dataset.format!r}, method {method!r} "
-                            f"trains on {' or '.join(accepted)}", code="dataset_format_mismatch", param=param)
 
 
 def _nul_path(value: object, path: str = "") -> str | None:
@@ -78,10 +66,10 @@ def check_run_inputs(session: Session, settings: Settings, team: Team, spec: Run
         select(Dataset).where(Dataset.team_id == team.id, Dataset.id.in_(ids)))}
     for i, stage in enumerate(spec.stages):
         for j, ref in enumerate(stage.datasets):
-            _check_dataset(found.get(ref.id), ref.id, stage.method, f"stages[{i}].datasets[{j}].id")
+            check_usable(found.get(ref.id), ref.id, f"stages[{i}].datasets[{j}].id", method=stage.method)
         if stage.eval_dataset:
-            _check_dataset(found.get(stage.eval_dataset), stage.eval_dataset, stage.method,
-                           f"stages[{i}].eval_dataset")
+            check_usable(found.get(stage.eval_dataset), stage.eval_dataset, f"stages[{i}].eval_dataset",
+                         method=stage.method)
     if base_model_dir(settings, spec.base_model) is None and finished_checkpoint(
             session, team, spec.base_model) is None:
         raise Unprocessable(f"base_model {spec.base_model!r} is neither a base model of this server "
@@ -140,14 +128,6 @@ def create_run(session: Session, settings: Settings, celery: Celery, team: Team,
     return run, True
 
 
-def get_run(session: Session, team: Team, run_id: str) -> Run:
-    """Returns the team's run; 404 for a missing one or another team's."""
-    run = session.get(Run, run_id) if is_id(run_id, "run") else None
-    if run is None or run.team_id != team.id:
-        raise NotFound(f"no run {run_id!r}", param="run_id")
-    return run
-
-
 def run_out(run: Run) -> RunOut:
     """Returns the API object of a run loaded in a session (progress and ETA read its recent metrics)."""
     session = object_session(run)
@@ -174,13 +154,13 @@ def cancel_run(session: Session, team: Team, run_id: str) -> Run:
 
     Cancelling an already `cancelling` run is a no-op; a finished run answers 409.
     """
-    run = get_run(session, team, run_id)
+    run = get_owned(session, Run, team, run_id)
     for _ in range(3):  # a worker may claim or finish the run between our read and our update
         if run.status == "cancelling":
             return run
         target = "cancelled" if run.status == "queued" else "cancelling"
         try:
-            moved = transition_atomically(session, run, target)
+            moved = transition_atomically(session, RUN, run, target)
         except IllegalTransition as exc:
             raise Conflict(f"run {run.id} is {run.status}; only queued or running runs can be cancelled",
                            code="run_not_cancellable") from exc
@@ -188,20 +168,37 @@ def cancel_run(session: Session, team: Team, run_id: str) -> Run:
             break
     else:
         raise Conflict(f"run {run.id} changed state while cancelling; retry", code="run_state_changed")
-    if target == "cancelled":
-        for stage in run.stages:
-            if stage.status == "pending":
-                stage.status = "cancelled"
-    session.add(Event(run_id=run.id, attempt=run.attempt, kind="cancel_requested" if target == "cancelling"
-                      else "cancelled", message=f"cancel requested; run is {target}"))
+    add_event(session, run.id, run.attempt, "cancel_requested" if target == "cancelling" else "cancelled",
+              f"cancel requested; run is {target}")
     session.commit()
+    return run
+
+
+def resume_run(session: Session, settings: Settings, celery: Celery, team: Team, run_id: str) -> Run:
+    """Returns a failed or cancelled run moved back to `queued` (it continues from its last checkpoint).
+
+    The attempt cap restarts: the run may use `settings.max_attempts` more attempts from here.
+    """
+    run = get_owned(session, Run, team, run_id)
+    try:
+        moved = transition_atomically(session, RUN, run, "queued", error=None,
+                                      max_attempts=run.attempt + settings.max_attempts)
+    except IllegalTransition as exc:
+        raise Conflict(f"run {run.id} is {run.status}; only failed or cancelled runs can be resumed",
+                       code="run_not_resumable") from exc
+    if not moved:
+        raise Conflict(f"run {run.id} changed state while resuming; retry", code="run_state_changed")
+    add_event(session, run.id, run.attempt, "resume_requested",
+              "resume requested; the run continues from its last complete checkpoint")
+    session.commit()
+    send_task(celery, "tuneyard.train_run", [run.id])
     return run
 
 
 def list_events(session: Session, team: Team, run_id: str, *, limit: int,
                 after: int | None) -> ListPage[EventOut]:
     """Returns the run's events oldest first, after the cursor (an event id)."""
-    run = get_run(session, team, run_id)
+    run = get_owned(session, Run, team, run_id)
     stmt = select(Event).where(Event.run_id == run.id)
     rows, has_more, cursor = paginate(session, stmt, Event.id, limit=limit, after=after, newest_first=False)
     return ListPage[EventOut](data=[EventOut.model_validate(r) for r in rows], has_more=has_more,

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from app.db.models import Team, WebhookDelivery, WebhookDeliveryAttempt, WebhookEndpoint, WebhookEvent, utcnow
-from app.errors import NotFound, Unprocessable
+from app.errors import Unprocessable
 from app.ids import new_id
 from app.schemas.common import OpenAIPage
 from app.schemas.webhooks import (
@@ -36,6 +36,7 @@ from app.schemas.webhooks import (
     TestResult,
 )
 from app.services.outbox import EVENT_TYPES
+from app.services.owned import get_owned
 from app.services.pagination import paginate
 
 USER_AGENT = "Tuneyard-Webhooks/1"
@@ -81,11 +82,7 @@ def create_endpoint(session: Session, team: Team, body: EndpointCreate) -> Webho
 
 def get_endpoint(session: Session, team: Team, endpoint_id: str) -> WebhookEndpoint:
     """Returns the team's endpoint; 404 for a missing one or another team's."""
-    endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if endpoint is None or endpoint.team_id != team.id:
-        raise NotFound(f"no webhook endpoint {endpoint_id!r}", code="webhook_endpoint_not_found",
-                       param="webhook_endpoint_id")
-    return endpoint
+    return get_owned(session, WebhookEndpoint, team, endpoint_id, code="webhook_endpoint_not_found")
 
 
 def list_endpoints(session: Session, team: Team, *, limit: int, after: str | None) -> OpenAIPage[EndpointOut]:

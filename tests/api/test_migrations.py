@@ -78,7 +78,7 @@ def test_concurrent_migrations_run_once(database_url: str, tmp_path: Path) -> No
 
 def test_cli_migrate_works_from_any_directory(tmp_path: Path) -> None:
     env = {**os.environ, "TUNEYARD_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "tuneyard_cli", "migrate"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert _tables(f"sqlite:///{tmp_path / 'data' / 'tuneyard.db'}") == set(Base.metadata.tables)
@@ -87,7 +87,7 @@ def test_cli_migrate_works_from_any_directory(tmp_path: Path) -> None:
 def test_invalid_settings_stop_start_up(tmp_path: Path) -> None:
     env = {**os.environ, "TUNEYARD_PORT": "99999", "TUNEYARD_ENV": "prod", "TUNEYARD_AUTH_ENABLED": "false",
            "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "tuneyard_cli", "migrate"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "TUNEYARD_PORT" in result.stderr and "Traceback" not in result.stderr

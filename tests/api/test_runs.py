@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.db.models import Run
-from app.services.run_states import transition_atomically
+from app.jobs.states import RUN, transition_atomically
 from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset
 
 SFT = b'{"prompt": "2+2=", "completion": "4"}\n' * 4
@@ -115,7 +115,7 @@ def test_cancel(backend: Backend, client: TestClient, auth: dict, ready: dict) -
     running = client.post("/v1/runs", json=spec(ready), headers=auth).json()
     with backend.app.state.sessions() as session:  # what a worker's claim does
         run = session.get(Run, running["id"])
-        assert transition_atomically(session, run, "running", attempt=1, lease_owner="test")
+        assert transition_atomically(session, RUN, run, "running", attempt=1, lease_owner="test")
         session.commit()
     response = client.post(f"/v1/runs/{running['id']}/cancel", headers=auth)
     assert response.json()["status"] == "cancelling"

@@ -118,7 +118,7 @@ def start_worker(
     """Starts `tuneyard worker` (the command `tuneyard up` runs) and returns it once Celery is ready."""
     log = log_dir / "worker.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--concurrency", "1"],
+        [sys.executable, "-m", "tuneyard_cli", "worker", "--queues", queues, "--concurrency", "1"],
         cwd=REPO_ROOT, env=service_env(data_dir), stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout

@@ -116,7 +116,7 @@ class Stack:
         """Starts the reaper (with its webhook deliverer thread) in its own process group."""
         log = self.logs / ("reaper.log" if self.reapers == 0 else f"reaper-{self.reapers}.log")
         self.reapers += 1
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "reaper"], cwd=REPO,
+        process = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "reaper"], cwd=REPO,
                                    env=service_env(self.settings), stdout=log.open("wb"),
                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)

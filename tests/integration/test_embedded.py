@@ -25,7 +25,7 @@ def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     log = tmp_path / "up.log"
-    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--demo"], cwd=REPO, env=env,
+    up = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "up", "--demo"], cwd=REPO, env=env,
                           stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         submitted = re.compile(r"TUNEYARD_API_KEY=(\S+) tuneyard runs follow (run_\w+)")
@@ -34,7 +34,7 @@ def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
         client_env = {**env, "TUNEYARD_URL": f"http://127.0.0.1:{port}", "TUNEYARD_API_KEY": key}
 
         def tuneyard(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=client_env,
+            return subprocess.run([sys.executable, "-m", "tuneyard_cli", *args], cwd=REPO, env=client_env,
                                   capture_output=True, text=True, timeout=300)
 
         follow = tuneyard("runs", "follow", run_id)

@@ -6,23 +6,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy import update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.migrate import migrate
 from app.db.models import Event, Metric, Run, RunStage, Team, utcnow
 from app.db.session import create_db_engine
 from app.ids import new_id
-from app.services.execution import StaleAttempt, claim_run
+from app.jobs.lease import Claim, Lease, StaleAttempt, claim
+from app.jobs.reaper import reap_once
+from app.jobs.states import RUN
 from tests.api.conftest import PG_ADMIN, _pg_url
 from trainer_core.reporting import RecordingReporter
-from worker.lease import Lease
-from worker.reaper import reap_once
 from worker.reporter import DbReporter
 from worker.trackers import MirroredReporter
 
@@ -68,6 +68,10 @@ def age_heartbeat(sessions: sessionmaker, run_id: str, seconds: float) -> None:
         session.commit()
 
 
+def claim_run(session: Session, run_id: str, owner: str, now: datetime) -> Claim | None:
+    return claim(session, RUN, run_id, owner, now, lease_seconds=3, max_attempts=3)
+
+
 def reap(sessions: sessionmaker):  # noqa: ANN201
     with sessions() as session:
         return reap_once(session, utcnow(), lease_seconds=3, queued_grace_seconds=60)
@@ -76,24 +80,24 @@ def reap(sessions: sessionmaker):  # noqa: ANN201
 def test_one_claim_per_run_and_stale_writes_refused(sessions: sessionmaker, tmp_path: Path) -> None:
     run_id = new_run(sessions)
     with sessions() as session:
-        first = claim_run(session, run_id, "a", utcnow(), lease_seconds=3)
+        first = claim_run(session, run_id, "a", utcnow())
     with sessions() as session:
-        assert claim_run(session, run_id, "b", utcnow(), lease_seconds=3) is None  # the second delivery
+        assert claim_run(session, run_id, "b", utcnow()) is None  # the second delivery
     assert first is not None and first.attempt == 1 and first.resume_reason is None
 
     age_heartbeat(sessions, run_id, 10)
-    assert reap(sessions).requeued == [run_id]
+    assert reap(sessions).runs.requeued == [run_id]
     with sessions() as session:
-        second = claim_run(session, run_id, "b", utcnow(), lease_seconds=3)
+        second = claim_run(session, run_id, "b", utcnow())
     assert second is not None and second.attempt == 2 and second.resume_reason == "after a lost worker"
 
-    lease = Lease(sessions, run_id, 1, heartbeat_seconds=60)
+    lease = Lease(sessions, RUN, run_id, 1, heartbeat_seconds=60)
     stale = DbReporter(sessions, tmp_path, first, "team_f", lease, flush_rows=1)
     with pytest.raises(StaleAttempt):
         stale.on_metrics(0, 5, "train", {"loss": 1.0})
     with pytest.raises(StaleAttempt):
         stale.on_event("stage_started", "late", {"stage_index": 0, "total_steps": 9})
-    lease = Lease(sessions, run_id, 2, heartbeat_seconds=60)
+    lease = Lease(sessions, RUN, run_id, 2, heartbeat_seconds=60)
     current = DbReporter(sessions, tmp_path, second, "team_f", lease)
     current.on_metrics(0, 5, "train", {"loss": 2.0, "nan": float("nan")})
     current.flush()
@@ -108,17 +112,18 @@ def test_reaper_caps_attempts_and_ends_lost_cancels(sessions: sessionmaker) -> N
     cancelling = new_run(sessions)
     for run_id in (capped, cancelling):
         with sessions() as session:
-            assert claim_run(session, run_id, "w", utcnow(), lease_seconds=3) is not None
+            assert claim_run(session, run_id, "w", utcnow()) is not None
     with sessions() as session:
         session.execute(update(Run).where(Run.id == cancelling).values(status="cancelling"))
         session.commit()
     fresh = new_run(sessions)
     with sessions() as session:
-        claim_run(session, fresh, "w", utcnow(), lease_seconds=3)
+        claim_run(session, fresh, "w", utcnow())
     for run_id in (capped, cancelling):
         age_heartbeat(sessions, run_id, 10)
     result = reap(sessions)
-    assert result.failed == [capped] and result.cancelled == [cancelling] and fresh not in result.requeued
+    assert result.runs.failed == [capped] and result.runs.cancelled == [cancelling]
+    assert fresh not in result.runs.requeued
     with sessions() as session:
         run = session.get(Run, capped)
         assert run.status == "failed" and run.error["code"] == "attempts_exhausted"
@@ -132,7 +137,7 @@ def test_unclaimed_queued_runs_are_sent_again(sessions: sessionmaker) -> None:
     with sessions() as session:
         session.execute(update(Run).where(Run.id == run_id).values(queued_at=utcnow() - timedelta(minutes=5)))
         session.commit()
-    assert run_id in reap(sessions).resend
+    assert run_id in reap(sessions).runs.unclaimed
 
 
 class ExplodingTracker:

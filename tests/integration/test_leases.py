@@ -18,11 +18,10 @@ from sqlalchemy.orm import sessionmaker
 
 from app.db.models import Checkpoint, Dataset, Eval, Event, Run, utcnow
 from app.ids import new_id
-from app.services.eval_execution import StaleEvalAttempt, claim_eval, save_eval
-from app.services.execution import claim_run, requeue_attempt
-from tests.integration.test_fencing import new_run, sessions  # noqa: F401 - the fixture, both databases
-from worker.lease import Heartbeat, Lease
-from worker.reaper import reap_once, resend
+from app.jobs.lease import Lease, StaleAttempt, claim, end_attempt, fence, requeue_attempt
+from app.jobs.reaper import reap_once, resend
+from app.jobs.states import EVAL, RUN
+from tests.integration.test_fencing import claim_run, new_run, sessions  # noqa: F401 - the fixture, both databases
 from worker.reporter import DbReporter, event_text
 
 GRACE = 60
@@ -65,37 +64,35 @@ def reap(sessions: sessionmaker, max_attempts: int = 3, later_s: float = 0):  # 
 def test_evals_are_claimed_once_fenced_requeued_and_capped(sessions: sessionmaker) -> None:  # noqa: F811
     eval_id = new_eval(sessions)
     with sessions() as session:
-        assert claim_eval(session, eval_id, "a", utcnow(), lease_seconds=3, max_attempts=2) == 1
-        assert claim_eval(session, eval_id, "b", utcnow(), lease_seconds=3, max_attempts=2) is None
-        save_eval(session, eval_id, 1, progress=0.5)
+        assert claim(session, EVAL, eval_id, "a", utcnow(), lease_seconds=3, max_attempts=2).attempt == 1
+        assert claim(session, EVAL, eval_id, "b", utcnow(), lease_seconds=3, max_attempts=2) is None
+        fence(session, EVAL, eval_id, 1, progress=0.5)
+        session.commit()
 
     age(sessions, Eval, eval_id, heartbeat_at=10)
     result = reap(sessions, max_attempts=2)
-    assert result.evals_requeued == [eval_id] and eval_id not in result.evals_unclaimed
+    assert result.evals.requeued == [eval_id] and eval_id not in result.evals.unclaimed
     with sessions() as session:
         row = session.get(Eval, eval_id)
         assert (row.status, row.attempt, row.progress, row.lease_owner) == ("queued", 1, 0.0, None)
-        with pytest.raises(StaleEvalAttempt):  # the lost worker's late write
-            save_eval(session, eval_id, 1, status="succeeded")
-        assert claim_eval(session, eval_id, "b", utcnow(), lease_seconds=3, max_attempts=2) == 2
-
-    def beat() -> None:
-        with sessions() as beat_session:
-            save_eval(beat_session, eval_id, 2)
+        with pytest.raises(StaleAttempt):  # the lost worker's late write
+            end_attempt(session, EVAL, eval_id, 1, "succeeded")
+        assert claim(session, EVAL, eval_id, "b", utcnow(), lease_seconds=3, max_attempts=2).attempt == 2
 
     age(sessions, Eval, eval_id, heartbeat_at=10)
-    heartbeat = Heartbeat("eval", beat, 0.05, StaleEvalAttempt).start()
+    lease = Lease(sessions, EVAL, eval_id, 2, heartbeat_seconds=0.05).start()
     time.sleep(0.5)
-    assert reap(sessions, max_attempts=2).evals_failed == []  # the heartbeat keeps it
-    heartbeat.stop()
+    assert reap(sessions, max_attempts=2).evals.failed == []  # the heartbeat keeps it
+    lease.stop()
+    assert not lease.lost.is_set() and not lease.should_stop()
 
     age(sessions, Eval, eval_id, heartbeat_at=10)
-    assert reap(sessions, max_attempts=2).evals_failed == [eval_id]
+    assert reap(sessions, max_attempts=2).evals.failed == [eval_id]
     with sessions() as session:
         row = session.get(Eval, eval_id)
         assert row.status == "failed" and row.error["type"] == "attempts_exhausted"
         assert "last allowed attempt (2)" in row.error["message"] and row.finished_at is not None
-        assert claim_eval(session, eval_id, "c", utcnow(), lease_seconds=3, max_attempts=2) is None
+        assert claim(session, EVAL, eval_id, "c", utcnow(), lease_seconds=3, max_attempts=2) is None
 
 
 def test_unclaimed_jobs_are_resent_at_most_once_per_grace_period(sessions: sessionmaker) -> None:  # noqa: F811
@@ -111,10 +108,11 @@ def test_unclaimed_jobs_are_resent_at_most_once_per_grace_period(sessions: sessi
     age(sessions, Dataset, dataset_id, created_at=300)
 
     first = reap(sessions)
-    assert run_id in first.unclaimed and eval_id in first.evals_unclaimed and dataset_id in first.datasets
+    assert run_id in first.runs.unclaimed and eval_id in first.evals.unclaimed
+    assert dataset_id in first.datasets
     with sessions() as session:  # a dead broker: nothing is recorded, the next pass tries again
         assert resend(session, RecordingCelery(down=True), first, utcnow(), GRACE) == 0
-    assert run_id in reap(sessions).unclaimed
+    assert run_id in reap(sessions).runs.unclaimed
     celery = RecordingCelery()
     with sessions() as session:
         resend(session, celery, first, utcnow(), GRACE)
@@ -122,10 +120,11 @@ def test_unclaimed_jobs_are_resent_at_most_once_per_grace_period(sessions: sessi
             ("tuneyard.validate_dataset", dataset_id)} <= set(celery.sent)
 
     soon = reap(sessions, later_s=GRACE / 2)  # the busy worker gets no second copy within the grace period
-    assert run_id not in soon.unclaimed and eval_id not in soon.evals_unclaimed
+    assert run_id not in soon.runs.unclaimed and eval_id not in soon.evals.unclaimed
     assert dataset_id not in soon.datasets
     later = reap(sessions, later_s=GRACE + 1)
-    assert run_id in later.unclaimed and eval_id in later.evals_unclaimed and dataset_id in later.datasets
+    assert run_id in later.runs.unclaimed and eval_id in later.evals.unclaimed
+    assert dataset_id in later.datasets
     with sessions() as session:
         resend(session, RecordingCelery(), later, utcnow() + timedelta(seconds=GRACE + 1), GRACE)
         resent = session.scalars(select(Event).where(Event.run_id == run_id, Event.kind == "resent")).all()
@@ -134,8 +133,8 @@ def test_unclaimed_jobs_are_resent_at_most_once_per_grace_period(sessions: sessi
         assert run.resent_at is not None and run.queued_at < utcnow() - timedelta(seconds=200)
 
     with sessions() as session:  # a new queued period (lost worker) starts without a re-send
-        claim = claim_run(session, run_id, "w", utcnow(), lease_seconds=3)
-        requeue_attempt(session, run_id, claim.attempt, kind="retrying", message="system error")
+        claimed = claim_run(session, run_id, "w", utcnow())
+        requeue_attempt(session, run_id, claimed.attempt, kind="retrying", message="system error")
         session.commit()
         assert session.get(Run, run_id).resent_at is None
 
@@ -152,10 +151,10 @@ def test_checkpoints_written_but_not_registered_are_registered_by_the_next_attem
         sessions: sessionmaker, tmp_path: Path) -> None:  # noqa: F811
     run_id = new_run(sessions)
     with sessions() as session:
-        claim = claim_run(session, run_id, "w", utcnow(), lease_seconds=3)
+        claimed = claim_run(session, run_id, "w", utcnow())
     work = tmp_path / "runs" / run_id / "work"
-    lease = Lease(sessions, run_id, claim.attempt, heartbeat_seconds=60)
-    reporter = DbReporter(sessions, tmp_path, claim, "team_f", lease, num_stages=1)
+    lease = Lease(sessions, RUN, run_id, claimed.attempt, heartbeat_seconds=60)
+    reporter = DbReporter(sessions, tmp_path, claimed, "team_f", lease, num_stages=1)
     write_folder(work / "stage-0" / "checkpoint-00000002", {"kind": "resume", "stage_index": 0, "step": 2,
                                                             "total_steps": 6, "metrics": {"eval_loss": 1.5}})
     write_folder(work / "stage-0" / "checkpoint-00000004", None)  # renamed without manifest: never happens
@@ -188,9 +187,9 @@ def test_checkpoints_written_but_not_registered_are_registered_by_the_next_attem
 def test_event_text_numbers_stages_from_one(sessions: sessionmaker, tmp_path: Path) -> None:  # noqa: F811
     run_id = new_run(sessions)
     with sessions() as session:
-        claim = claim_run(session, run_id, "w", utcnow(), lease_seconds=3)
-    lease = Lease(sessions, run_id, claim.attempt, heartbeat_seconds=60)
-    reporter = DbReporter(sessions, tmp_path, claim, "team_f", lease, num_stages=2)
+        claimed = claim_run(session, run_id, "w", utcnow())
+    lease = Lease(sessions, RUN, run_id, claimed.attempt, heartbeat_seconds=60)
+    reporter = DbReporter(sessions, tmp_path, claimed, "team_f", lease, num_stages=2)
     reporter.on_event("stage_started", "stage 0 (sft) started",
                       {"stage_index": 0, "method": "sft", "total_steps": 4})
     with sessions() as session:

@@ -12,7 +12,8 @@ Canonical records (what `normalize` returns and the trainer consumes; plain JSON
   `{"input": {"messages"}, "preferred_output", "non_preferred_output"}` normalises to the
   conversational shape.
 - prompts: `{"prompt": str}` | `{"messages": [...]}`, plus `"answer": str | None` (numbers become
-  strings) and `"difficulty": int | None`.
+  strings) and `"difficulty": int | None`, and any other fields of the record as they are (graders
+  read them as `{{item.<field>}}`).
 - trajectories: `{"text": str}` | `{"steps": [{"type", "content"}]}`, plus optional context
   `"prompt"` | `"messages"` and optional `"teacher_logprobs"`.
 
@@ -154,6 +155,9 @@ def _answer_to_str(value: Any) -> Any:
 
 
 class PromptRecord(_Record):
+    # Any other fields (a program, test cases, a rubric) are kept for graders: {{item.<field>}}.
+    model_config = ConfigDict(extra="allow")
+
     prompt: StrictStr | None = Field(None, min_length=1)
     messages: list[Message] | None = Field(None, min_length=1)
     answer: Annotated[StrictStr | None, BeforeValidator(_answer_to_str)] = None
@@ -335,7 +339,7 @@ def normalize(record: Any, fmt: DatasetFormat) -> dict[str, Any]:
             "rejected": _as_messages(rec.rejected, "assistant"),
         }
     if isinstance(rec, PromptRecord):
-        out = _context(rec)
+        out = {**(rec.model_extra or {}), **_context(rec)}
         out.update(answer=rec.answer, difficulty=rec.difficulty)
         return out
     assert isinstance(rec, TrajectoryRecord)

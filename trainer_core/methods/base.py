@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from trainer_core.config import Adapter, Stage
+    from trainer_core.graders.scoring import GraderRuntime
     from trainer_core.modeling import ReferencePolicy
 
 RECORD_FORMAT_KEY = "format"
@@ -75,6 +76,7 @@ class StageContext:
     ``reference``: the frozen policy as it was when the stage began; loaded on first use.
     ``resolve_model``: turns a base model name or checkpoint id into a folder (SAD teachers).
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
+    ``graders``: what RL rewards need from the host (sandbox, judge endpoint and keys, reward models).
     """
 
     stage: Stage
@@ -88,6 +90,7 @@ class StageContext:
     work_dir: Path
     reference: ReferencePolicy
     resolve_model: Callable[[str], Path] | None = None
+    graders: GraderRuntime | None = None
 
 
 class StageMethod(Protocol):

@@ -32,37 +32,12 @@ from trainer_core.generation import (
     seeded_generator,
     stop_token_ids,
 )
+from trainer_core.graders.scoring import build_grader
 from trainer_core.losses.grpo import grpo_advantages, grpo_loss
-from trainer_core.methods.base import LossOutput, StageContext
-from trainer_core.reward_config import RewardSpec, reward_functions
-from trainer_core.rewards import combined_reward
+from trainer_core.methods.base import RECORD_FORMAT_KEY, LossOutput, StageContext
 
 # Key that separates the evaluation sampling stream from every training step's stream.
 _EVAL_STREAM = 2**31
-
-
-class RewardScorer:
-    """Scores completion texts with a reward spec (a weighted sum of registered reward functions)."""
-
-    def __init__(self, spec: RewardSpec) -> None:
-        functions = [
-            (fn.type, fn.weight, fn.model_dump(exclude={"type", "weight"})) for fn in reward_functions(spec)
-        ]
-        self._score = combined_reward(functions)
-
-    def __call__(
-        self, texts: Sequence[str], answers: Sequence[str | None]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the total reward per text [N] and ``rewards/<name>`` means of each unweighted function."""
-        totals: list[float] = []
-        sums: dict[str, float] = {}
-        for text, answer in zip(texts, answers, strict=True):
-            total, per_function = self._score(text, answer)
-            totals.append(total)
-            for name, value in per_function.items():
-                sums[name] = sums.get(name, 0.0) + value
-        means = {f"rewards/{name}": value / max(len(texts), 1) for name, value in sums.items()}
-        return torch.tensor(totals, dtype=torch.float32), means
 
 
 @dataclass(frozen=True)
@@ -72,6 +47,11 @@ class Rollout:
     completions: Completions
     rewards: torch.Tensor
     metrics: dict[str, float]
+
+
+def _grader_item(record: dict[str, Any]) -> dict[str, Any]:
+    """Returns the prompt record as graders see it (``{{item.<field>}}``): without the format tag."""
+    return {key: value for key, value in record.items() if key != RECORD_FORMAT_KEY}
 
 
 class PromptRollouts:
@@ -88,12 +68,12 @@ class PromptRollouts:
         self._ctx = ctx
         self._train = [render_prompt(ctx.tokenizer, record)[-budget:] for record in ctx.train_records]
         self._eval = [render_prompt(ctx.tokenizer, record)[-budget:] for record in ctx.eval_records]
-        self._train_answers = [record.get("answer") for record in ctx.train_records]
+        self._train_items = [_grader_item(record) for record in ctx.train_records]
         difficulties = [record.get("difficulty") or 0 for record in ctx.train_records]
         self.schedule = PromptSchedule(
             difficulties, prompts_per_step, ctx.seed, ctx.stage_index, stage.curriculum
         )
-        self.scorer = RewardScorer(stage.reward)
+        self.scorer = build_grader(stage.reward, ctx.graders)
         self._stop_ids: list[int] = []
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -101,7 +81,7 @@ class PromptRollouts:
         self._stop_ids = stop_token_ids(model, tokenizer)
 
     def sample(
-        self, model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[str | None],
+        self, model: nn.Module, prompts: Sequence[list[int]], items: Sequence[dict[str, Any]],
         repeats: int, generator: torch.Generator,
     ) -> Rollout:
         """Returns ``repeats`` scored completions per prompt, grouped consecutively."""
@@ -118,7 +98,9 @@ class PromptRollouts:
         )
         tokenizer = self._ctx.tokenizer
         texts = tokenizer.batch_decode(completions.completion_token_lists(), skip_special_tokens=True)
-        rewards, metrics = self.scorer(texts, [answer for answer in answers for _ in range(repeats)])
+        scores = self.scorer(texts, [item for item in items for _ in range(repeats)])
+        rewards = torch.tensor(scores.totals, dtype=torch.float32)
+        metrics = scores.metrics()
         metrics["completions/mean_length"] = float(completions.lengths.float().mean())
         metrics["completions/clipped_ratio"] = float(completions.truncated.float().mean())
         return Rollout(completions, rewards, metrics)
@@ -128,7 +110,7 @@ class PromptRollouts:
     ) -> Rollout:
         """Returns the scored completions of training prompts ``indices``."""
         prompts = [self._train[i] for i in indices]
-        return self.sample(model, prompts, [self._train_answers[i] for i in indices], repeats, generator)
+        return self.sample(model, prompts, [self._train_items[i] for i in indices], repeats, generator)
 
     def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float] | None:
         """Returns ``reward`` and per-function means of one seeded sample per eval prompt, or None."""
@@ -136,13 +118,13 @@ class PromptRollouts:
             return None
         ctx = self._ctx
         generator = seeded_generator(ctx.seed, ctx.stage_index, _EVAL_STREAM, device=ctx.device)
-        answers = [record.get("answer") for record in self._ctx.eval_records]
+        items = [_grader_item(record) for record in self._ctx.eval_records]
         totals: list[torch.Tensor] = []
         sums: dict[str, float] = {}
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(self._eval), batch_size):
                 part = slice(start, start + batch_size)
-                rollout = self.sample(model, self._eval[part], answers[part], 1, generator)
+                rollout = self.sample(model, self._eval[part], items[part], 1, generator)
                 totals.append(rollout.rewards)
                 for name, value in rollout.metrics.items():
                     sums[name] = sums.get(name, 0.0) + value * len(rollout.rewards)

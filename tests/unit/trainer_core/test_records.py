@@ -88,6 +88,11 @@ def test_prompts_answer_and_difficulty() -> None:
         normalize({"messages": [USER, ASSISTANT]}, "prompts")
 
 
+def test_prompts_keep_extra_fields_for_graders() -> None:
+    record = {"prompt": "What does it print?", "program": "print(2 * 3)", "tests": [1, 2], "meta": {"k": 1}}
+    assert normalize(record, "prompts") == {**record, "answer": None, "difficulty": None}
+
+
 def test_trajectory_steps_text_and_teacher_logprobs() -> None:
     rec = normalize(
         {

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import shutil
 import signal
@@ -103,20 +101,12 @@ def cmd_models_init_tiny(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
-    run_reaper_forever = _reaper()
-    if run_reaper_forever is None:
-        print("no reaper installed (worker.reaper.run_reaper_forever); nothing to do", file=sys.stderr)
-        return 0
-    params = inspect.signature(run_reaper_forever).parameters
-    run_reaper_forever(settings) if params else run_reaper_forever()
+    from app.jobs.reaper import run_reaper_forever
+    from worker.webhooks import start_deliverer
+
+    start_deliverer(settings)  # the webhook outbox is sent from the reaper's process, on its own thread
+    run_reaper_forever(settings)
     return 0
-
-
-def _reaper():  # noqa: ANN202 - the callable comes from an optional module
-    try:
-        return importlib.import_module("worker.reaper").run_reaper_forever
-    except (ImportError, AttributeError):
-        return None
 
 
 def _first_start_key(settings: Settings) -> str | None:
@@ -145,14 +135,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"warning: could not build the tiny base model ({exc}); run `tuneyard models init-tiny`",
               file=sys.stderr)
-    me = [sys.executable, "-m", "app.cli"]
+    me = [sys.executable, "-m", "tuneyard_cli"]
     children = {
         "api": subprocess.Popen([*me, "api"]),
         "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
                                     "--concurrency", str(EMBEDDED_CONCURRENCY)]),
+        "reaper": subprocess.Popen([*me, "reaper"]),
     }
-    if _reaper() is not None:
-        children["reaper"] = subprocess.Popen([*me, "reaper"])
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nTuneyard is starting at {url}  (data in {settings.data_dir})")
     key: str | None = None
@@ -164,7 +153,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("use the key printed at first start, or create one: tuneyard keys create --team NAME")
     if getattr(args, "demo", False):
-        from app.client_cli import run_demo
+        from tuneyard_cli.demo import run_demo
 
         run_demo(url, key or _demo_key(settings), TINY_MODEL)
     return _supervise(children)
@@ -238,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help="then upload a small dataset and submit a short SFT run")
     up.set_defaults(run=cmd_up)
-    from app.client_cli import add_commands
+    from tuneyard_cli.client import add_commands
 
     add_commands(sub)
     return parser
@@ -253,6 +242,3 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_json)
     return args.run(settings, args)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

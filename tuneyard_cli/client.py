@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +43,7 @@ def client(url: str | None = None, key: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, read=300))
 
 
-def _ok(response: httpx.Response) -> dict[str, Any]:
+def checked(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
         raise ApiError(response)
     return response.json()
@@ -71,11 +70,11 @@ def upload_dataset(api: httpx.Client, path: Path, fmt: str | None = None, name: 
 
     params = {k: v for k, v in {"format": fmt, "name": name or path.name}.items() if v}
     with bar:
-        dataset = _ok(api.post("/v1/datasets", content=chunks(), params=params,
+        dataset = checked(api.post("/v1/datasets", content=chunks(), params=params,
                                headers={"Content-Type": "application/jsonl", "Content-Length": str(size)}))
     while dataset["status"] == "validating":
         time.sleep(0.5)
-        dataset = _ok(api.get(f"/v1/datasets/{dataset['id']}"))
+        dataset = checked(api.get(f"/v1/datasets/{dataset['id']}"))
     return dataset
 
 
@@ -153,14 +152,14 @@ def follow_run(api: httpx.Client, run_id: str) -> str:
     finally:
         for b in bars.values():
             b.close()
-    run = _ok(api.get(f"/v1/runs/{run_id}"))
+    run = checked(api.get(f"/v1/runs/{run_id}"))
     print(f"run {run_id}: {run['status']}" + (f" ({run['error']['message']})" if run.get("error") else ""))
     return run["status"]
 
 
 def cmd_runs_create(args: argparse.Namespace) -> int:
     api = client()
-    run = _ok(api.post("/v1/runs", json=json.loads(Path(args.spec).read_text())))
+    run = checked(api.post("/v1/runs", json=json.loads(Path(args.spec).read_text())))
     print(f"{run['id']}  {run['status']}")
     if not args.follow:
         return 0
@@ -178,7 +177,7 @@ def _stage_number(index: int | None) -> str:
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
     params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
-    for run in _ok(client().get("/v1/runs", params=params))["data"]:
+    for run in checked(client().get("/v1/runs", params=params))["data"]:
         progress = run["progress"]
         print(f"{run['id']}  {run['status']:<10} {progress['fraction'] * 100:5.1f}%  "
               f"stage {_stage_number(progress['stage'])} "
@@ -188,18 +187,18 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_get(args: argparse.Namespace) -> int:
-    _print(_ok(client().get(f"/v1/runs/{args.run_id}")))
+    _print(checked(client().get(f"/v1/runs/{args.run_id}")))
     return 0
 
 
 def cmd_runs_cancel(args: argparse.Namespace) -> int:
-    run = _ok(client().post(f"/v1/runs/{args.run_id}/cancel"))
+    run = checked(client().post(f"/v1/runs/{args.run_id}/cancel"))
     print(f"{run['id']}  {run['status']}")
     return 0
 
 
 def cmd_runs_resume(args: argparse.Namespace) -> int:
-    run = _ok(client().post(f"/v1/runs/{args.run_id}/resume"))
+    run = checked(client().post(f"/v1/runs/{args.run_id}/resume"))
     print(f"{run['id']}  {run['status']}")
     return 0
 
@@ -218,7 +217,7 @@ def _sha256(path: Path) -> str:
 def download_checkpoint(api: httpx.Client, checkpoint_id: str, folder: Path,
                         progress: bool = True) -> list[Path]:
     """Returns the files of a checkpoint downloaded into `folder`, resuming partial ones, sha256-checked."""
-    checkpoint = _ok(api.get(f"/v1/checkpoints/{checkpoint_id}"))
+    checkpoint = checked(api.get(f"/v1/checkpoints/{checkpoint_id}"))
     total = sum(f["size"] for f in checkpoint["files"])
     paths: list[Path] = []
     with tqdm(total=total, unit="B", unit_scale=True, desc=checkpoint_id, disable=not progress) as bar:
@@ -301,45 +300,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     command(checkpoints, "download", cmd_checkpoints_download,
             "download a checkpoint (resumable, sha256-checked)",
             (("checkpoint_id",), {}), (("dir",), {}))
-
-
-# ---------------------------------------------------------------- `tuneyard up --demo`
-
-DEMO_RECORDS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                              {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-                for a in range(1, 9) for b in range(1, 5)]
-
-
-def _healthy(api: httpx.Client) -> bool:
-    """Returns whether the API answers /healthz (a refused connection means: not up yet)."""
-    try:
-        return api.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def run_demo(url: str, key: str | None, base_model: str, wait_seconds: float = 120) -> str | None:
-    """Returns the id of a short demo SFT run submitted to a starting server (None if it is not up)."""
-    api = client(url, key)
-    deadline = time.monotonic() + wait_seconds
-    while not _healthy(api):
-        if time.monotonic() > deadline:
-            print("demo: the API did not come up; no demo run submitted", file=sys.stderr)
-            return None
-        time.sleep(0.5)
-    body = "".join(json.dumps(r) + "\n" for r in DEMO_RECORDS).encode()
-    dataset = _ok(api.post("/v1/datasets", content=body, headers={"Content-Type": "application/jsonl"},
-                           params={"format": "sft", "name": "demo-arithmetic"}))
-    while dataset["status"] == "validating":
-        time.sleep(0.5)
-        dataset = _ok(api.get(f"/v1/datasets/{dataset['id']}"))
-    spec = {"name": "demo-sft", "base_model": base_model,
-            "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-            "stages": [{"method": "sft", "datasets": [{"id": dataset["id"]}], "max_steps": 30,
-                        "batch_size": 4, "max_seq_len": 64, "learning_rate": 1e-3}],
-            "checkpoint_every_steps": 10, "keep_checkpoints": 2, "export": ["adapter"]}
-    run = _ok(api.post("/v1/runs", json=spec))
-    env = f"TUNEYARD_URL={url} " + (f"TUNEYARD_API_KEY={key} " if key else "")
-    print(f"\ndemo run {run['id']} submitted (SFT, 30 steps on {base_model}). Follow it with:\n"
-          f"  {env}tuneyard runs follow {run['id']}\n  or open {url}/ in a browser")
-    return run["id"]

@@ -1,0 +1,199 @@
+"""The reaper: the database decides what needs work, the broker is only told again.
+
+Each pass (`reap_once`), for every job kind (runs and evals):
+- a live job whose heartbeat is older than `lease_seconds` lost its worker: back to `queued`
+  (a run's next attempt resumes from the last complete checkpoint; an eval starts over), or
+  `failed` when its attempts are spent; a `cancelling` run ends `cancelled`;
+- a `queued` job, or a `validating` dataset, that nobody took within `queued_grace_seconds`
+  gets its message sent again (the broker lost it: Redis restarted or was down at submit, the
+  filesystem transport has no redelivery, a worker died holding it unacknowledged) — at most once
+  per grace period (`resent_at`), so a worker that is merely busy gets one spare message per grace
+  period, not one per pass; the first re-send of a queued period is logged (and a run's events say so).
+Every change is one guarded UPDATE that re-checks the heartbeat, so a job whose worker beat in
+the meantime is left alone. Messages are sent after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from app.broker import create_celery, send_task
+from app.db.models import Dataset, Event, utcnow
+from app.db.session import make_session_factory
+from app.jobs.states import EVAL, RUN, JobKind, after_move
+from app.services.fine_tuning import start_waiting_jobs
+from app.settings import Settings
+
+log = logging.getLogger("tuneyard.reaper")
+
+KINDS = (RUN, EVAL)
+
+
+@dataclass
+class Reaped:
+    """What one pass did to the jobs of one kind."""
+
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    unclaimed: list[str] = field(default_factory=list)  # queued past the grace period (not re-queued now)
+
+
+@dataclass
+class ReapResult:
+    jobs: dict[str, Reaped] = field(default_factory=lambda: {kind.name: Reaped() for kind in KINDS})
+    datasets: list[str] = field(default_factory=list)  # validating past the grace period
+
+    @property
+    def runs(self) -> Reaped:
+        return self.jobs[RUN.name]
+
+    @property
+    def evals(self) -> Reaped:
+        return self.jobs[EVAL.name]
+
+
+def reap_once(session: Session, now: datetime, *, lease_seconds: float, queued_grace_seconds: float,
+              max_attempts: int = 3) -> ReapResult:
+    """Returns what one pass changed (committed) and which jobs need their message sent again.
+
+    `max_attempts` caps evals (runs carry their own cap in `runs.max_attempts`).
+    """
+    result = ReapResult()
+    cutoff = now - timedelta(seconds=lease_seconds)
+    grace_cutoff = now - timedelta(seconds=queued_grace_seconds)
+    for kind in KINDS:
+        reaped = result.jobs[kind.name]
+        _reap_stale(session, kind, now, cutoff, max_attempts, reaped)
+        model = kind.model
+        reaped.unclaimed = [j for j in session.scalars(select(model.id).where(
+            model.status == "queued", _due(model.queued_at, model.resent_at, grace_cutoff)))
+            if j not in reaped.requeued]
+    result.datasets = list(session.scalars(select(Dataset.id).where(
+        Dataset.status == "validating", _due(Dataset.created_at, Dataset.resent_at, grace_cutoff))))
+    return result
+
+
+def _due(waiting_since: InstrumentedAttribute, resent_at: InstrumentedAttribute,
+         grace_cutoff: datetime) -> ColumnElement[bool]:
+    return and_(or_(waiting_since.is_(None), waiting_since < grace_cutoff),
+                or_(resent_at.is_(None), resent_at < grace_cutoff))
+
+
+def _reap_stale(session: Session, kind: JobKind, now: datetime, cutoff: datetime, max_attempts: int,
+                reaped: Reaped) -> None:
+    model = kind.model
+    stale = or_(model.heartbeat_at.is_(None), model.heartbeat_at < cutoff)
+    candidates = session.execute(
+        select(model.id, model.status, model.attempt, kind.cap(max_attempts), model.lease_owner,
+               model.heartbeat_at)
+        .where(model.status.in_(kind.live), stale)).all()
+    for job_id, status, attempt, cap, owner, beat in candidates:
+        silent = f"{(now - beat).total_seconds():.0f}s" if beat else "ever"
+        lost = f"worker {owner} lost (no heartbeat for {silent})"
+        if status == "cancelling":
+            target, event = "cancelled", "cancelled"
+            message = f"worker {owner} was lost while cancelling (no heartbeat for {silent}); run cancelled"
+        elif attempt < cap:
+            target, event = "queued", "requeued"
+            message = f"{lost}; re-queued for attempt {attempt + 1} of {cap}" + (
+                ", resuming from the last checkpoint" if kind.has_stages else "")
+        else:
+            target, event = "failed", "error"
+            message = f"{lost} on the last allowed attempt ({attempt}); the {kind.name} failed"
+        values = kind.states.values(job_id, status, target, now)
+        if target == "failed":
+            values["error"] = kind.error("attempts_exhausted", message)
+        moved = session.execute(
+            update(model).where(model.id == job_id, model.status == status, model.attempt == attempt, stale)
+            .values(**values).execution_options(synchronize_session=False)).rowcount
+        if moved != 1:
+            session.rollback()
+            continue
+        after_move(session, kind, job_id, target, now)
+        if kind.has_stages:
+            session.add(Event(run_id=job_id, attempt=attempt, kind=event, message=message,
+                              level="error" if target == "failed" else "warning",
+                              data={"lost_owner": owner, "reason": "lease_expired"}))
+        session.commit()
+        log.warning("%s %s: %s", kind.name, job_id, message)
+        by_target = {"queued": reaped.requeued, "failed": reaped.failed, "cancelled": reaped.cancelled}
+        by_target[target].append(job_id)
+
+
+@dataclass(frozen=True)
+class _Message:
+    task: str
+    model: type
+    what: str  # run, eval or dataset
+    id: str
+    waiting: str  # the status the job must still be in for the re-send to count
+    unclaimed: bool  # a re-send after the grace period (False: the first message of a re-queue)
+
+
+def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
+           grace_seconds: float) -> int:
+    """Sends the messages `result` calls for; returns how many went out (stops when the broker is down)."""
+    messages = []
+    for kind in KINDS:
+        reaped = result.jobs[kind.name]
+        messages += [_Message(kind.task, kind.model, kind.name, j, "queued", False) for j in reaped.requeued]
+        messages += [_Message(kind.task, kind.model, kind.name, j, "queued", True) for j in reaped.unclaimed]
+    messages += [_Message("tuneyard.validate_dataset", Dataset, "dataset", d, "validating", True)
+                 for d in result.datasets]
+    sent = 0
+    for message in messages:
+        if not send_task(celery, message.task, [message.id]):
+            break  # the broker is down: the next pass tries again
+        sent += 1
+        if message.unclaimed:
+            _record_resend(session, message, now, grace_seconds)
+    return sent
+
+
+def _record_resend(session: Session, message: _Message, now: datetime, grace_seconds: float) -> None:
+    model = message.model
+    first = session.scalar(select(model.resent_at).where(model.id == message.id)) is None
+    moved = session.execute(update(model).where(model.id == message.id, model.status == message.waiting)
+                            .values(resent_at=now).execution_options(synchronize_session=False)).rowcount
+    text = (f"no worker took the {message.what} within {grace_seconds:.0f}s; its message was sent again "
+            f"(and is re-sent at most every {grace_seconds:.0f}s until a worker takes it)")
+    if moved and first:
+        log.info("%s %s: %s", message.what, message.id, text)
+        if message.what == RUN.name:
+            attempt = session.scalar(select(model.attempt).where(model.id == message.id)) or 0
+            session.add(Event(run_id=message.id, attempt=attempt, kind="resent", message=text,
+                              level="warning", data={"reason": "unclaimed", "grace_seconds": grace_seconds}))
+    else:
+        log.debug("%s %s: message sent again", message.what, message.id)
+    session.commit()
+
+
+def run_reaper_forever(settings: Settings) -> None:
+    """Runs a reaper pass every `reaper_interval_seconds` until the process is stopped."""
+    sessions = make_session_factory(settings)
+    celery = create_celery(settings)
+    log.info("reaper started: lease %.1fs, queued grace %.1fs, every %.1fs", settings.lease_seconds,
+             settings.queued_grace_seconds, settings.reaper_interval_seconds)
+    while True:
+        started = time.monotonic()
+        try:
+            with sessions() as session:
+                now = utcnow()
+                result = reap_once(session, now, lease_seconds=settings.lease_seconds,
+                                   queued_grace_seconds=settings.queued_grace_seconds,
+                                   max_attempts=settings.max_attempts)
+                resend(session, celery, result, now, settings.queued_grace_seconds)
+                # Fine-tuning jobs whose files finished validating while no validation task could
+                # start them (a worker lost between its commit and that call).
+                start_waiting_jobs(session, settings, celery)
+        except Exception:  # the database or broker is away: the next pass tries again
+            log.exception("reaper pass failed")
+        time.sleep(max(0.0, settings.reaper_interval_seconds - (time.monotonic() - started)))
