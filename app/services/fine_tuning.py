@@ -29,12 +29,12 @@ import random
 from typing import Any
 
 from celery import Celery
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset, FineTuningJob, Run, Team, utcnow
-from app.errors import ApiError, Conflict, NotFound
+from app.errors import ApiError, Conflict, NotFound, Unprocessable
 from app.ids import new_id
 from app.jobs.lease import add_event
 from app.schemas.fine_tuning import JobCreate
@@ -44,6 +44,7 @@ from app.services.models import base_model_dir
 from app.services.owned import get_owned
 from app.settings import Settings
 from trainer_core.config import DPOStage, GRPOStage, RunSpec, SFTStage
+from trainer_core.grader_config import Grader
 
 STAGE_METHOD = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 FILE_FORMAT = {"supervised": "sft", "dpo": "preference", "reinforcement": "prompts"}
@@ -55,8 +56,8 @@ FORMAT_HINT = {
 }
 IGNORED_RL_HYPERPARAMETERS = ("compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort")
 RL_GENERATIONS = 4
-RL_MAX_NEW_TOKENS = 64
 KEEP_CHECKPOINTS = 3
+GRADER: TypeAdapter[Any] = TypeAdapter(Grader)
 STAGE_MODELS = {"sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage}
 
 
@@ -212,9 +213,16 @@ def _fail_before_run(session: Session, job: FineTuningJob, code: str, message: s
 
 
 def _check_grader(grader: dict[str, Any]) -> None:
-    if not isinstance(grader.get("type"), str):
-        raise ApiError("method.reinforcement.grader needs a `type` (e.g. string_check)",
-                       code="invalid_grader", param="method.reinforcement.grader")
+    """Returns when the grader is one the GRPO stage can score with; 422 naming the field otherwise."""
+    try:
+        GRADER.validate_python(grader)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        if loc and loc[0] == grader.get("type"):
+            loc = loc[1:]  # pydantic names the union member first
+        param = ".".join(["method.reinforcement.grader", *loc])
+        raise Unprocessable(f"{param}: {first['msg']}", code="invalid_grader", param=param) from None
 
 
 def _auto_epochs(n: int) -> int:
@@ -271,8 +279,9 @@ def _stage(job: FineTuningJob, kind: str, hyper: dict[str, Any], n: int) -> dict
         stage["eval_dataset"] = job.validation_file
         stage["eval_every_steps"] = stage["checkpoint_every"]
     if method == "grpo":
+        # The grader is the stage's reward as it is: the GRPO stage takes OpenAI's grader shapes.
         stage.update(batch_size=batch * RL_GENERATIONS, num_generations=RL_GENERATIONS,
-                     max_new_tokens=RL_MAX_NEW_TOKENS, reward=_grader_reward(job))
+                     reward=job.method["reinforcement"]["grader"])
     else:
         stage["batch_size"] = batch
     if method == "sft":
@@ -280,11 +289,6 @@ def _stage(job: FineTuningJob, kind: str, hyper: dict[str, Any], n: int) -> dict
     if method == "dpo":
         stage["beta"] = hyper["beta"]
     return stage
-
-
-def _grader_reward(job: FineTuningJob) -> dict[str, Any]:
-    """Returns the GRPO stage's reward spec for the job's grader."""
-    return dict(job.method["reinforcement"]["grader"])
 
 
 def _integrations(job: FineTuningJob) -> dict[str, Any]:

@@ -188,6 +188,26 @@ def test_webhook_endpoints(client: TestClient, auth: dict, other_auth: dict) -> 
     assert deleted == {"id": created["id"], "object": "webhook_endpoint.deleted", "deleted": True}
 
 
+def test_reinforcement_grader_is_checked_at_create(client: TestClient, auth: dict) -> None:
+    prompts = [{"messages": [{"role": "user", "content": f"Say {c}."}], "answer": c} for c in "abcd"]
+    file_id = upload_file(client, auth, jsonl(prompts))["id"]
+    grader = {"type": "string_check", "name": "g", "input": "{{sample.output_text}}", "operation": "eq"}
+    response = client.post("/v1/fine_tuning/jobs", headers=auth, json={
+        "model": "tiny-llama", "training_file": file_id,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader}}})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "method.reinforcement.grader.reference"
+    grader["reference"] = "{{item.answer}}"
+    job = wait_job(client, auth, client.post("/v1/fine_tuning/jobs", headers=auth, json={
+        "model": "tiny-llama", "training_file": file_id,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+            "batch_size": 2, "eval_samples": 3}}}}).json()["id"])
+    assert job["status"] == "queued"
+    assert job["method"]["reinforcement"]["grader"]["reference"] == "{{item.answer}}"
+    stage = client.get(f"/v1/runs/{job['run_id']}", headers=auth).json()["spec"]["stages"][0]
+    assert (stage["method"], stage["reward"]["type"], stage["batch_size"]) == ("grpo", "string_check", 8)
+
+
 @pytest.mark.parametrize("field, value", [("suffix", "x" * 65), ("seed", -1), ("metadata", {"k": "v" * 513})])
 def test_job_request_limits(client: TestClient, auth: dict, field: str, value: object) -> None:
     response = client.post("/v1/fine_tuning/jobs", headers=auth,

@@ -239,3 +239,33 @@ def test_pause_resume_cancel_and_a_malformed_file(stack: Stack) -> None:
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     with pytest.raises(ConflictError, match="only a paused job"):
         client.fine_tuning.jobs.resume(job.id)
+
+
+def test_reinforcement_job_with_a_string_check_grader(stack: Stack) -> None:
+    if not any(w.process.poll() is None for w in stack.workers):
+        stack.start_worker()
+    client = sdk(stack)
+    prompts = [{"messages": [{"role": "user", "content": f"Say the letter {c}."}], "answer": c}
+               for c in "abcdefgh"]
+    training = client.files.create(file=("letters.jsonl", jsonl(prompts)), purpose="fine-tune")
+    grader = {"type": "string_check", "name": "letter", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "ilike"}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=training.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 2, "reasoning_effort": "low"}}})
+    events = follow_events(client, job.id, ENDED)
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", [e.message for e in events]
+    rewards = [e.data["rewards/letter"] for e in events if e.type == "metrics" and "train_loss" in e.data]
+    assert len(rewards) == 4 and all(0.0 <= r <= 1.0 for r in rewards)  # 8 prompts, 2 per step
+    ignored = [e for e in events if e.level == "warn" and "accepted and ignored" in e.message]
+    assert ignored and "compute_multiplier" in ignored[0].message
+    run = stack.client().get(f"/v1/runs/{job.model_extra['run_id']}").json()
+    stage = run["spec"]["stages"][0]
+    assert (stage["method"], stage["reward"]["type"], stage["batch_size"], stage["num_generations"]) == (
+        "grpo", "string_check", 8, 4)
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [4]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
+                                           messages=[{"role": "user", "content": "Say the letter c."}])
+    assert reply.choices[0].message.content is not None
