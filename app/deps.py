@@ -9,6 +9,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Team
 from app.services import auth
@@ -16,7 +17,7 @@ from app.settings import Settings
 from app.storage import LocalBlobStore
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -26,11 +27,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_store(request: Request) -> LocalBlobStore:
+async def get_store(request: Request) -> LocalBlobStore:
     return request.app.state.store
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
@@ -43,20 +44,45 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 bearer = HTTPBearer(auto_error=False, description="an API key `ty_…` (tuneyard keys create --team NAME)")
 
 
-def get_current_team(
-    session: SessionDep,
+async def get_current_team(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Team:
-    """Returns the team of the Bearer key (or the default team when auth is switched off)."""
+    """Returns the team of the Bearer key (or the default team when auth is switched off).
+
+    A key seen within `auth_cache_seconds` costs no database round trip and no thread hop.
+    """
+    sessions: sessionmaker[Session] = request.app.state.sessions
     if not settings.auth_enabled:
-        team = auth.get_or_create_team(session, auth.DEFAULT_TEAM)
-    else:
-        team = auth.team_for_key(session, credentials.credentials if credentials else None)
-    # Ending the transaction returns the connection to the pool before the handler's own thread
-    # hop: a request must never hold a connection while it waits for a thread (see app.main).
-    session.commit()
-    return team
+        return await run_in_threadpool(_default_team, sessions)
+    cache: auth.KeyCache = request.app.state.keys
+    key = credentials.credentials if credentials else None
+    entry = cache.get(auth.hash_key(key)) if key else None
+    if entry is None:
+        entry = await run_in_threadpool(_lookup, sessions, cache, key)
+    elif cache.touch_due(entry.key_id):
+        await run_in_threadpool(_touch, sessions, entry.key_id)
+    # A plain (transient) Team: handlers read its id and name, and it is safe to share.
+    return Team(id=entry.team_id, name=entry.team_name)
+
+
+def _default_team(sessions: sessionmaker[Session]) -> Team:
+    with sessions() as session:
+        return auth.get_or_create_team(session, auth.DEFAULT_TEAM)
+
+
+def _lookup(sessions: sessionmaker[Session], cache: auth.KeyCache, key: str | None) -> auth.KeyEntry:
+    with sessions() as session:
+        entry = auth.lookup_key(session, cache, key)
+        if cache.touch_due(entry.key_id):
+            auth.touch_key(session, entry.key_id)
+        return entry
+
+
+def _touch(sessions: sessionmaker[Session], key_id: str) -> None:
+    with sessions() as session:
+        auth.touch_key(session, key_id)
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import types
 import typing
@@ -167,15 +168,37 @@ def _step(tp: Any, element: str | int) -> tuple[Any, bool]:
     return None, False
 
 
+def _without_source(loc: tuple[str | int, ...]) -> list[str | int]:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return parts
+
+
+def unknown_field_hint(loc: tuple[str | int, ...], root: Any) -> str:
+    """Returns " — did you mean `learning_rate`?" for an unknown field close to a real one, else ""."""
+    parts = _without_source(loc)
+    if not parts or root is None:
+        return ""
+    tp = root
+    for element in parts[:-1]:
+        tp, _ = _step(tp, element)
+        if tp is None:
+            return ""
+    tp = _unwrap(tp)
+    if not _is_model(tp):
+        return ""
+    close = difflib.get_close_matches(str(parts[-1]), list(tp.model_fields), n=1, cutoff=0.6)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
 def loc_to_param(loc: tuple[str | int, ...], root: Any = None) -> str | None:
     """Returns a field path such as `stages[1].beta` from a pydantic error location.
 
     Pydantic puts the tag of a discriminated union into the location (`stages, 1, dpo, beta`);
     the root model's annotations tell tags from field names, so tags are dropped.
     """
-    parts = list(loc)
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
-        parts = parts[1:]
+    parts = _without_source(loc)
     tp = root
     out = ""
     for element in parts:
@@ -211,8 +234,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not errors:
         return error_response(422, "invalid_request", "the request is not valid")
     first = errors[0]
-    param = loc_to_param(tuple(first.get("loc", ())), _body_type(request))
+    loc, body = tuple(first.get("loc", ())), _body_type(request)
+    param = loc_to_param(loc, body)
     message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field" + unknown_field_hint(loc, body)
     if param:
         message = f"{param}: {message}"
     if len(errors) > 1:

@@ -23,6 +23,7 @@ from app.routes import (
     files,
     fine_tuning,
     inference,
+    keys,
     metrics,
     models,
     ops,
@@ -30,6 +31,7 @@ from app.routes import (
     stream,
     webhooks,
 )
+from app.services.auth import KeyCache
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 
@@ -47,6 +49,7 @@ ROUTERS: list[APIRouter] = [
     metrics.router,
     stream.router,
     checkpoints.router,
+    keys.router,
     files.router,
     fine_tuning.router,
     webhooks.router,
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_session_factory(settings)
     app.state.store = LocalBlobStore(settings.storage_dir)
     app.state.celery = create_celery(settings)
+    app.state.keys = KeyCache(settings.auth_cache_seconds)
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="blob store root; default: data_dir/storage")
     base_models_dir: Path | None = Field(None, description="base model folders; default: data_dir/models")
     auth_enabled: bool = True
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, description="an API key's team is cached this long per API process: a revoked key "
+                               "stops working within it (0: look every key up)"
+    )
     max_upload_bytes: int = Field(2 * 1024**3, ge=1024)
     env: str = Field("dev", pattern="^(dev|test|prod)$")
     host: str = "127.0.0.1"

@@ -74,16 +74,17 @@ def _dataset_args(values: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from trainer_core.model_folders import ModelFolders
     from trainer_core.pipeline import run_pipeline
 
     spec = RunSpec.model_validate_json(Path(args.spec).read_text())
     models_dir = Path(args.models_dir) if args.models_dir else None
 
-    def resolve_model(name: str) -> Path:
+    def resolve_model(name: str) -> ModelFolders:
         candidate = models_dir / name if models_dir is not None else Path(name)
         if not candidate.is_dir():
             raise TrainingDataError(f"model {name!r} not found (looked for folder {candidate})")
-        return candidate
+        return ModelFolders.of(candidate)
 
     paths, formats = _dataset_args(args.data)
     reporter = ProgressReporter()
@@ -95,10 +96,11 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     try:
+        base = resolve_model(spec.base_model)
         result = run_pipeline(
-            spec, base_model_path=resolve_model(spec.base_model), dataset_paths=paths,
-            dataset_formats=formats, work_dir=Path(args.out), reporter=reporter, device=args.device,
-            resolve_model=resolve_model,
+            spec, base_model_path=base.weights, dataset_paths=paths, dataset_formats=formats,
+            work_dir=Path(args.out), reporter=reporter, device=args.device, resolve_model=resolve_model,
+            start_adapter=base.adapter,
         )
     except TrainingDataError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ from trainer_core.graders.scoring import GraderRuntime, needs_sandbox
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext
+from trainer_core.model_folders import ModelFolders
 from trainer_core.modeling import (
     ReferencePolicy,
     choose_device,
@@ -108,15 +109,21 @@ def run_pipeline(
     work_dir: Path,
     reporter: Reporter,
     device: str = "auto",
-    resolve_model: Callable[[str], Path] | None = None,
+    resolve_model: Callable[[str], ModelFolders | Path] | None = None,
+    start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
     Each stage starts from the weights the previous one ended with (saved as ``stage-{i}/start``,
-    which is also that stage's frozen reference). Calling again with the same ``work_dir`` after a
-    crash or a stop resumes from the latest complete checkpoint (a "resumed" event says where).
+    which is also that stage's frozen reference); the first stage starts from ``start_adapter``
+    (a LoRA adapter over ``base_model_path``, trained further) when given, else from a fresh
+    adapter. Calling again with the same ``work_dir`` after a crash or a stop resumes from the
+    latest complete checkpoint (a "resumed" event says where).
     """
+    if start_adapter is not None and isinstance(spec.adapter, FullAdapter):
+        raise TrainingDataError("adapter.type 'full' cannot continue a LoRA adapter checkpoint; "
+                                "start from its merged export instead")
     torch_device = choose_device(device)
     tokenizer = load_tokenizer(base_model_path)
     datasets = _Datasets(dataset_paths, dataset_formats)
@@ -147,7 +154,7 @@ def run_pipeline(
         if not resuming:
             seed_everything(spec.seed, index)
             if model is None and start != base_model_path:
-                model = load_policy(base_model_path, spec.adapter, torch_device)
+                model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start_adapter)
             if model is not None:
                 save_policy_weights(model, start)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)

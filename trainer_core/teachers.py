@@ -11,7 +11,6 @@ vocabulary; every source checks it before training (``TrainingDataError`` otherw
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trainer_core.errors import TrainingDataError
 from trainer_core.losses.sad import DenseTeacher, SparseTeacher, Teacher
+from trainer_core.model_folders import ModelFolders
 from trainer_core.spans import TokenizedTrajectory
 
 # Printable ASCII text for the SGLang vocabulary probe: its tokens decode to the same strings in
@@ -111,35 +111,35 @@ def stored_teacher(
     return TeacherBatch(SparseTeacher(ids, logprobs), available)
 
 
-def _load_teacher_model(model_path: Path) -> tuple[torch.nn.Module, Path]:
+def _load_teacher_model(folders: ModelFolders) -> tuple[torch.nn.Module, Path]:
     """Returns the teacher model (base, merged, or adapter over its base) and the folder of its tokenizer."""
-    adapter_config = model_path / "adapter_config.json"
-    if not adapter_config.exists():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path
-    base_path = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
-    if not base_path.is_dir():
-        raise TrainingDataError(
-            f"teacher adapter {model_path} was trained on base model {base_path}, which is not available here"
-        )
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, model_path)
-    has_tokenizer = (model_path / "tokenizer_config.json").exists()
-    return model, model_path if has_tokenizer else base_path
+    if not folders.weights.is_dir():
+        what = f"teacher adapter {folders.adapter} applies to" if folders.adapter else "teacher"
+        raise TrainingDataError(f"{what} {folders.weights}, which is not available here")
+    model = AutoModelForCausalLM.from_pretrained(folders.weights, dtype=torch.float32)
+    if folders.adapter is None:
+        return model, folders.weights
+    model = PeftModel.from_pretrained(model, folders.adapter)
+    has_tokenizer = (folders.adapter / "tokenizer_config.json").exists()
+    return model, folders.adapter if has_tokenizer else folders.weights
 
 
 class LocalTeacher:
-    """A teacher model run in-process: a base model folder, a merged folder, or a PEFT adapter folder.
+    """A teacher model run in-process: a base model folder, a merged folder, or a PEFT adapter (a folder
+    whose config names its base, or ``ModelFolders`` giving the base).
 
     ``top_k=None`` gives the dense distribution (all logits); otherwise the top-k log-probs.
     """
 
-    def __init__(self, model_path: Path | str, top_k: int | None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: ModelFolders | Path | str, top_k: int | None,
+                 device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.top_k = top_k
-        model, tokenizer_dir = _load_teacher_model(Path(model_path))
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        folders = model if isinstance(model, ModelFolders) else ModelFolders.of(Path(model))
+        loaded, tokenizer_dir = _load_teacher_model(folders)
+        self.model = loaded.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.name = str(model_path)
+        self.name = str(folders.adapter or folders.weights)
 
     def check_vocabulary(self, student: PreTrainedTokenizerBase) -> None:
         """Returns nothing; raises TrainingDataError when the student's tokenizer differs."""

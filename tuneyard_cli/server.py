@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -78,6 +79,46 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
         team, key = create_api_key(session, args.team, args.name or "")
     print(f"team {team.name} ({team.id}); API key (shown once, store it now):\n{key}")
     return 0
+
+
+def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db.models import Team
+    from app.db.session import make_session_factory
+    from app.services.auth import list_keys
+
+    with make_session_factory(settings)() as session:
+        team_id = session.scalar(select(Team.id).where(Team.name == args.team)) if args.team else None
+        if args.team and team_id is None:
+            print(f"tuneyard: no team {args.team!r}", file=sys.stderr)
+            return 1
+        rows = list_keys(session, team_id)
+    print(f"{'id':<32} {'team':<20} {'prefix':<12} {'created':<20} {'last used':<20} {'revoked':<20} name")
+    for key, team in rows:
+        print(f"{key.id:<32} {team:<20} {key.prefix:<12} {_when(key.created_at):<20} "
+              f"{_when(key.last_used_at):<20} {_when(key.revoked_at):<20} {key.name}")
+    return 0
+
+
+def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from app.db.session import make_session_factory
+    from app.errors import NotFound
+    from app.services.auth import revoke_key
+
+    with make_session_factory(settings)() as session:
+        try:
+            key = revoke_key(session, args.key_id)
+        except NotFound as exc:
+            print(f"tuneyard: {exc.message}", file=sys.stderr)
+            return 1
+    print(f"key {key.id} ({key.prefix}…) revoked at {_when(key.revoked_at)}; API processes refuse it within "
+          f"{settings.auth_cache_seconds:g}s")
+    return 0
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
 def init_tiny_model(settings: Settings, name: str = TINY_MODEL) -> Path:
@@ -218,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--team", required=True)
     create.add_argument("--name", help="a label for the key")
     create.set_defaults(run=cmd_keys_create)
+    listing = keys.add_parser("list", help="list the keys (prefix, created, last used, revoked)")
+    listing.add_argument("--team", help="only this team's keys")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (key_…): it answers 401 from then on")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("init-tiny", help="build the tiny local base model into the base-models dir")
     tiny.add_argument("--name", default=TINY_MODEL)

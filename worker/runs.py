@@ -30,15 +30,16 @@ from app.broker import create_celery, send_task
 from app.db.models import Dataset, Run, Team, utcnow
 from app.db.session import make_session_factory
 from app.errors import ApiError
+from app.inference.resolution import find_model
 from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_attempt, requeue_attempt
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
-from app.services.models import base_model_dir, finished_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
 from trainer_core.errors import GraderFailure, TrainingDataError
 from trainer_core.graders.scoring import GraderRuntime
+from trainer_core.model_folders import ModelFolders
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
 
@@ -50,7 +51,7 @@ OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_ac
 
 @dataclass(frozen=True)
 class RunInputs:
-    base_model_path: Path
+    base_model: ModelFolders  # with an adapter when the run trains an adapter checkpoint further
     dataset_paths: dict[str, Path]
     dataset_formats: dict[str, str]
 
@@ -104,10 +105,10 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
             from trainer_core.pipeline import run_pipeline as pipeline
         with open_trackers(spec, run_id, work_dir, reporter) as mirrored:
             result = pipeline(
-                spec, base_model_path=inputs.base_model_path, dataset_paths=inputs.dataset_paths,
+                spec, base_model_path=inputs.base_model.weights, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
-                graders=grader_runtime(settings),
+                start_adapter=inputs.base_model.adapter, graders=grader_runtime(settings),
             )
         reporter.flush()
         return _end(sessions, claimed, lease, result.status)
@@ -215,22 +216,18 @@ def resolve_inputs(session: Session, settings: Settings, store: LocalBlobStore, 
             raise TrainingDataError(f"{exc.message} (then resume the run)") from None
         paths[dataset_id] = store.path_for(dataset.blob_key)
         formats[dataset_id] = dataset.format or ""
-    base = _model_path(session, settings, store, team_id, spec.base_model)
-    return RunInputs(base, paths, formats)
+    return RunInputs(_model(session, settings, store, team_id, spec.base_model), paths, formats)
 
 
-def _model_path(session: Session, settings: Settings, store: LocalBlobStore, team_id: str, name: str) -> Path:
-    if (folder := base_model_dir(settings, name)) is not None:
-        return folder
+def _model(session: Session, settings: Settings, store: LocalBlobStore, team_id: str,
+           name: str) -> ModelFolders:
+    """Returns the folders of a model the run names (resolved at submit; gone since is a data error)."""
     team = session.get(Team, team_id)
-    checkpoint = finished_checkpoint(session, team, name) if team is not None else None
-    if checkpoint is None:
-        raise TrainingDataError(f"model {name!r} is neither a base model nor a finished checkpoint "
-                                "of the team")
-    if checkpoint.kind != "merged":
-        raise TrainingDataError(f"checkpoint {name} is a LoRA adapter; train from the run's merged export "
-                                "(export: [\"merged\"]) or from a base model")
-    return store.path_for(checkpoint.blob_prefix)
+    resolved = find_model(session, settings, store, team, name) if team is not None else None
+    if resolved is None:
+        raise TrainingDataError(f"model {name!r} is no longer a base model or finished checkpoint of the "
+                                "team")
+    return ModelFolders(resolved.weights_path, resolved.start_adapter)
 
 
 def grader_runtime(settings: Settings) -> GraderRuntime:
@@ -242,6 +239,6 @@ def grader_runtime(settings: Settings) -> GraderRuntime:
 
 
 def _resolve_model(sessions: sessionmaker[Session], settings: Settings, store: LocalBlobStore, team_id: str,
-                   name: str) -> Path:
+                   name: str) -> ModelFolders:
     with sessions() as session:
-        return _model_path(session, settings, store, team_id, name)
+        return _model(session, settings, store, team_id, name)

@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Run, Team
-from app.errors import NotFound, Unprocessable
+from app.errors import Unprocessable
 from app.inference.types import ModelKind, ResolvedModel
-from app.services.fine_tuning_objects import checkpoint_for_model_name
-from app.services.models import base_model_dir, finished_checkpoint
+from app.services.fine_tuned_models import checkpoint_for_model_name
+from app.services.models import base_model_dir, finished_checkpoint, model_not_found
 from app.settings import Settings
 from app.storage import LocalBlobStore
 from trainer_core.config import LoraAdapter, RunSpec
@@ -52,15 +52,6 @@ def parse_alias(name: str) -> Alias | None:
     )
 
 
-def _not_found(name: str, why: str = "") -> NotFound:
-    return NotFound(
-        f"model {name!r} does not exist{why}: use a base model or one of your finished checkpoints "
-        "(GET /v1/models) or an alias RUN:stage-I:step-N",
-        code="model_not_found",
-        param="model",
-    )
-
-
 def _checkpoint_for_alias(session: Session, team: Team, alias: Alias) -> Checkpoint | None:
     run = session.scalar(select(Run).where(Run.team_id == team.id, Run.id == alias.run))
     if run is None:
@@ -85,39 +76,44 @@ def _checkpoint_for_alias(session: Session, team: Team, alias: Alias) -> Checkpo
 
 
 def _base_of_run(session: Session, settings: Settings, store: LocalBlobStore, team: Team, run: Run) -> Path:
-    """Returns the folder a run trained on: a base model, or a merged checkpoint it started from."""
+    """Returns the folder a run's adapter applies to: a base model, or a merged checkpoint it started from.
+
+    A run that started from an adapter checkpoint trained that adapter further, so its own adapter
+    applies to the same folder as its parent's.
+    """
     folder = base_model_dir(settings, run.base_model)
     if folder is not None:
         return folder
     parent = finished_checkpoint(session, team, run.base_model)
     if parent is not None and parent.kind == "merged":
         return store.path_for(parent.blob_prefix)
+    parent_run = session.get(Run, parent.run_id) if parent is not None else None
+    if parent_run is not None:
+        return _base_of_run(session, settings, store, team, parent_run)
     raise Unprocessable(
-        f"run {run.id} trained on {run.base_model!r}, which is no longer a base model or merged checkpoint "
+        f"run {run.id} trained on {run.base_model!r}, which is no longer a base model or checkpoint "
         "of this server; serve its merged export instead",
         code="model_base_missing",
         param="model",
     )
 
 
-def resolve_model(
+def find_model(
     session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str
-) -> ResolvedModel:
-    """Returns the folders behind `name` for `team`; raises NotFound (404) for anything else."""
+) -> ResolvedModel | None:
+    """Returns the folders behind `name` for `team` (base model, checkpoint id or alias), or None."""
     folder = base_model_dir(settings, name)
     if folder is not None:
         return ResolvedModel(id=name, kind="base", base_model=name, base_path=folder)
     if name.startswith("ft:"):
-        return _resolve_fine_tuned(session, settings, store, team, name)
+        return _find_fine_tuned(session, settings, store, team, name)
     checkpoint = finished_checkpoint(session, team, name)
     if checkpoint is None and not name.startswith("ckpt_"):
         alias = parse_alias(name)
         checkpoint = _checkpoint_for_alias(session, team, alias) if alias else None
-    if checkpoint is None:
-        raise _not_found(name)
-    run = session.get(Run, checkpoint.run_id)
-    if run is None:
-        raise _not_found(name, " (its run was deleted)")
+    run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
+    if checkpoint is None or run is None:
+        return None
     return ResolvedModel(
         id=checkpoint.id,
         kind=checkpoint.kind,  # type: ignore[arg-type]
@@ -127,10 +123,10 @@ def resolve_model(
     )
 
 
-def _resolve_fine_tuned(
+def _find_fine_tuned(
     session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str
-) -> ResolvedModel:
-    """Returns the weights of a fine-tuning job's model name (`ft:…`, `ft:…:ckpt-step-N`).
+) -> ResolvedModel | None:
+    """Returns the weights of a fine-tuning job's model name (`ft:…`, `ft:…:ckpt-step-N`), or None.
 
     An intermediate step is a resume checkpoint; it is served through a PEFT adapter folder
     written from it on first use (under `served/<checkpoint id>` in the blob store).
@@ -138,7 +134,7 @@ def _resolve_fine_tuned(
     checkpoint = checkpoint_for_model_name(session, team, name)
     run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
     if checkpoint is None or run is None:
-        raise _not_found(name, " (no succeeded fine-tuning job or live checkpoint has that name)")
+        return None
     base_path = _base_of_run(session, settings, store, team, run)
     path = store.path_for(checkpoint.blob_prefix)
     if checkpoint.kind == "resume":
@@ -152,3 +148,16 @@ def _resolve_fine_tuned(
                                               base_model_dir=base_path, adapter=adapter)
     return ResolvedModel(id=checkpoint.id, kind="adapter", base_model=run.base_model, base_path=base_path,
                          checkpoint_path=path)
+
+
+def resolve_model(
+    session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str, *,
+    param: str = "model", status: int = 404,
+) -> ResolvedModel:
+    """Returns the folders behind `name`; raises model_not_found (404, or `status`) listing what exists."""
+    resolved = find_model(session, settings, store, team, name)
+    if resolved is None:
+        error = model_not_found(settings, session, team, name, param)
+        error.status_code = status
+        raise error
+    return resolved

@@ -32,6 +32,11 @@ class ResolvedModel:
         """Returns the folder whose weights are served directly (merged checkpoint or base)."""
         return self.checkpoint_path if self.kind == "merged" and self.checkpoint_path else self.base_path
 
+    @property
+    def start_adapter(self) -> Path | None:
+        """Returns the adapter folder training continues from (adapter checkpoints), else None."""
+        return self.checkpoint_path if self.kind == "adapter" else None
+
 
 @dataclass(frozen=True)
 class SamplingParams:

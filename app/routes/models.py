@@ -5,7 +5,7 @@ from fastapi import APIRouter
 from app.deps import CurrentTeam, SessionDep, SettingsDep
 from app.errors import error_responses
 from app.schemas.models import ModelList
-from app.services.fine_tuning_objects import fine_tuned_models
+from app.services.fine_tuned_models import fine_tuned_models
 from app.services.models import list_models
 
 router = APIRouter(prefix="/v1", tags=["models"])

@@ -1,20 +1,30 @@
-"""Teams and API keys: keys are `ty_<random>`, stored as sha256 only and shown once."""
+"""Teams and API keys: keys are `ty_<random>`, stored as sha256 only and shown once.
+
+The API resolves a key to its team once per `auth_cache_seconds` per process (`KeyCache`), not
+on every request: a revoked key keeps working at most that long in another process (at once in
+the process that revoked it). `last_used_at` is written at most once a minute per key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, Team
-from app.errors import Unauthorized
+from app.db.models import ApiKey, Team, utcnow
+from app.errors import NotFound, Unauthorized
 from app.ids import new_id
 
 KEY_PREFIX = "ty_"
 DEFAULT_TEAM = "default"
+TOUCH_EVERY_S = 60.0  # last_used_at is a "roughly when" for people; a write per request is waste
 
 
 def hash_key(key: str) -> str:
@@ -55,12 +65,95 @@ def team_count(session: Session) -> int:
     return len(session.scalars(select(Team.id).limit(2)).all())
 
 
-def team_for_key(session: Session, key: str | None) -> Team:
-    """Returns the team of an API key; raises Unauthorized for a missing, wrong or revoked key."""
+def list_keys(session: Session, team_id: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Returns (key, team name) of every key, or of one team's, oldest first (revoked ones too)."""
+    stmt = select(ApiKey, Team.name).join(Team, Team.id == ApiKey.team_id).order_by(ApiKey.created_at,
+                                                                                   ApiKey.id)
+    if team_id is not None:
+        stmt = stmt.where(ApiKey.team_id == team_id)
+    return [(key, name) for key, name in session.execute(stmt).all()]
+
+
+def revoke_key(session: Session, key_id: str, team_id: str | None = None) -> ApiKey:
+    """Returns the key after revoking it (revoking twice keeps the first time); 404 for an unknown
+    key or, with `team_id`, another team's. Commits."""
+    key = session.get(ApiKey, key_id)
+    if key is None or (team_id is not None and key.team_id != team_id):
+        raise NotFound(f"no API key {key_id!r}", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.commit()
+    return key
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key_id: str
+    team_id: str
+    team_name: str
+    expires: float  # time.monotonic() after which the key is looked up again
+
+
+class KeyCache:
+    """API key hash → its team, for `ttl` seconds; and when each key's last use was last written."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, KeyEntry] = {}
+        self._touched: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> KeyEntry | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry.expires < time.monotonic():
+            return None
+        return entry
+
+    def put(self, key_hash: str, key_id: str, team_id: str, team_name: str) -> KeyEntry:
+        entry = KeyEntry(key_id, team_id, team_name, time.monotonic() + self.ttl)
+        if self.ttl > 0:
+            with self._lock:
+                if len(self._entries) > 10_000:  # bounded: drop what expired
+                    now = time.monotonic()
+                    self._entries = {h: e for h, e in self._entries.items() if e.expires >= now}
+                self._entries[key_hash] = entry
+        return entry
+
+    def forget(self, key_id: str) -> None:
+        """Drops a key at once (this process revoked it)."""
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e.key_id != key_id}
+
+    def touch_due(self, key_id: str) -> bool:
+        """Returns True (once a minute per key) when the key's `last_used_at` should be written."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._touched.get(key_id, float("-inf")) < TOUCH_EVERY_S:
+                return False
+            self._touched[key_id] = now
+            return True
+
+
+def lookup_key(session: Session, cache: KeyCache, key: str | None) -> KeyEntry:
+    """Returns the key's cache entry after reading it from the database; raises Unauthorized for a
+    missing, wrong or revoked key."""
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
-    team = session.get(Team, row.team_id) if row is not None else None
-    if team is None:
+    digest = hash_key(key)
+    row = session.execute(
+        select(ApiKey.id, Team.id, Team.name).join(Team, Team.id == ApiKey.team_id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
         raise Unauthorized("invalid API key")
-    return team
+    return cache.put(digest, *row)
+
+
+def touch_key(session: Session, key_id: str, now: datetime | None = None) -> None:
+    """Writes the key's `last_used_at` unless another process wrote it within the minute. Commits."""
+    now = now or utcnow()
+    session.execute(update(ApiKey).where(
+        ApiKey.id == key_id,
+        or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - timedelta(seconds=TOUCH_EVERY_S)))
+        .values(last_used_at=now).execution_options(synchronize_session=False))
+    session.commit()

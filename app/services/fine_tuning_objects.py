@@ -1,6 +1,6 @@
 """The API objects of fine-tuning jobs: the job, its events (the run's events and metrics, newest
 first as OpenAI lists them) and its checkpoints (the run's resume checkpoints, named
-`{fine_tuned_model}:ckpt-step-{N}`), and the checkpoint behind such a model name.
+`{fine_tuned_model}:ckpt-step-{N}`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Checkpoint, Event, FineTuningJob, Metric, Run, Team
+from app.db.models import Checkpoint, Event, FineTuningJob, Metric, Team
 from app.errors import Unprocessable
 from app.schemas.common import OpenAIPage
 from app.schemas.fine_tuning import (
@@ -24,12 +24,11 @@ from app.schemas.fine_tuning import (
     JobHyperparameters,
     JobOut,
 )
-from app.schemas.models import ModelOut
+from app.services.fine_tuned_models import checkpoint_name
 from app.services.fine_tuning import get_job, hyperparameters_of, job_run, job_status
 from app.services.metrics import run_progress
 from app.services.pagination import paginate
 
-_CHECKPOINT_SUFFIX = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>\d+)$")
 _EVENT_ID = re.compile(r"^ftevent_(?P<source>[jem])(?P<id>\d+)$")
 _LEVELS = {"warning": "warn", "error": "error"}
 
@@ -183,10 +182,6 @@ def _cursor_key(session: Session, job: FineTuningJob, after: str | None) -> tupl
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_name(job: FineTuningJob, step: int) -> str:
-    return f"{job.fine_tuned_model}:ckpt-step-{step}"
-
-
 def list_job_checkpoints(session: Session, team: Team, job_id: str, *, limit: int,
                          after: str | None) -> OpenAIPage[JobCheckpointOut]:
     """Returns the job's live checkpoints newest first, with the train and eval metrics of their step."""
@@ -220,45 +215,3 @@ def _checkpoint_metrics(step: int, train: dict[str, Any], evaluation: dict[str, 
                              train_mean_token_accuracy=train.get("mean_token_accuracy"),
                              valid_loss=valid_loss, valid_mean_token_accuracy=valid_accuracy,
                              full_valid_loss=valid_loss, full_valid_mean_token_accuracy=valid_accuracy)
-
-
-# ---------------------------------------------------------------- model names
-
-
-def checkpoint_for_model_name(session: Session, team: Team, name: str) -> Checkpoint | None:
-    """Returns the checkpoint behind `ft:…` (the job's final adapter) or `ft:…:ckpt-step-N`, if any.
-
-    A step that is the run's last step names the final adapter export (the same weights); earlier
-    steps name that step's resume checkpoint.
-    """
-    match = _CHECKPOINT_SUFFIX.match(name)
-    model, step = (match["model"], int(match["step"])) if match else (name, None)
-    job = session.scalar(select(FineTuningJob).where(FineTuningJob.team_id == team.id,
-                                                     FineTuningJob.fine_tuned_model == model))
-    if job is None or job.run_id is None:
-        return None
-    live = select(Checkpoint).where(Checkpoint.run_id == job.run_id, Checkpoint.deleted_at.is_(None))
-    export = session.scalars(live.where(Checkpoint.kind == "adapter")
-                             .order_by(Checkpoint.step.desc())).first()
-    if step is None or (export is not None and export.step == step):
-        run = session.get(Run, job.run_id)
-        return export if run is not None and run.status == "succeeded" else None
-    return session.scalars(live.where(Checkpoint.kind == "resume", Checkpoint.step == step)).first()
-
-
-def fine_tuned_models(session: Session, team: Team) -> list[ModelOut]:
-    """Returns the team's `ft:` model names that serve: succeeded jobs, then each one's live checkpoints."""
-    rows = session.execute(
-        select(FineTuningJob, Run).join(Run, Run.id == FineTuningJob.run_id)
-        .where(FineTuningJob.team_id == team.id, Run.status == "succeeded")
-        .order_by(FineTuningJob.created_at)).all()
-    models: list[ModelOut] = []
-    for job, run in rows:
-        models.append(ModelOut(id=job.fine_tuned_model, created=_ts(run.finished_at or job.created_at) or 0,
-                               owned_by=team.name, kind="adapter"))
-        for ckpt in session.scalars(select(Checkpoint).where(
-                Checkpoint.run_id == run.id, Checkpoint.kind == "resume", Checkpoint.deleted_at.is_(None))
-                .order_by(Checkpoint.step)):
-            models.append(ModelOut(id=checkpoint_name(job, ckpt.step), created=_ts(ckpt.created_at) or 0,
-                                   owned_by=team.name, kind="adapter"))
-    return models

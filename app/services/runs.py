@@ -30,7 +30,7 @@ from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
 from app.services.datasets import check_usable
 from app.services.metrics import run_progress
-from app.services.models import base_model_dir, finished_checkpoint
+from app.services.model_refs import resolve_spec_models
 from app.services.owned import get_owned
 from app.services.pagination import paginate
 from app.settings import Settings
@@ -57,8 +57,8 @@ def _nul_path(value: object, path: str = "") -> str | None:
     return None
 
 
-def check_run_inputs(session: Session, settings: Settings, team: Team, spec: RunSpec) -> None:
-    """Returns when every dataset and the base model of the spec are usable by the team."""
+def check_run_inputs(session: Session, settings: Settings, team: Team, spec: RunSpec) -> RunSpec:
+    """Returns the spec with its models pinned to ids, once every dataset and model is usable by the team."""
     if (param := _nul_path(spec.model_dump(mode="json"))) is not None:
         raise Unprocessable(f"{param}: text must not contain NUL characters", param=param)
     ids = {i for i in spec.dataset_ids() if is_id(i, "ds")}
@@ -70,11 +70,7 @@ def check_run_inputs(session: Session, settings: Settings, team: Team, spec: Run
         if stage.eval_dataset:
             check_usable(found.get(stage.eval_dataset), stage.eval_dataset, f"stages[{i}].eval_dataset",
                          method=stage.method)
-    if base_model_dir(settings, spec.base_model) is None and finished_checkpoint(
-            session, team, spec.base_model) is None:
-        raise Unprocessable(f"base_model {spec.base_model!r} is neither a base model of this server "
-                            "(GET /v1/models) nor a finished checkpoint of your team",
-                            code="model_not_found", param="base_model")
+    return resolve_spec_models(session, settings, team, spec)
 
 
 def _by_idempotency_key(session: Session, team: Team, key: str, digest: str) -> Run | None:
@@ -91,7 +87,7 @@ def add_run(session: Session, settings: Settings, team: Team, spec: RunSpec, *, 
 
     Raises the API errors of `check_run_inputs` for datasets or a base model it cannot use.
     """
-    check_run_inputs(session, settings, team, spec)
+    spec = check_run_inputs(session, settings, team, spec)
     run = Run(id=new_id("run"), team_id=team.id, name=name or spec.name, status="queued",
               base_model=spec.base_model, spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key,
               request_hash=digest or request_hash(spec), attempt=0, max_attempts=settings.max_attempts)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Dataset, Eval, Event, Run, RunStage
+from app.db.models import Checkpoint, Dataset, Eval, Event, Run, RunStage
 from app.ids import new_id
 from app.services.metrics import MetricPoint, upsert_metrics
 
@@ -34,12 +34,18 @@ def seed_running_run(sessions: sessionmaker[Session], team_id: str, name: str, t
     return run.id
 
 
-def add_train_steps(sessions: sessionmaker[Session], run_id: str, first: int, last: int) -> None:
+def train_loss(step: int, scale: float = 3.0) -> float:
+    """Returns the seeded train loss at a step (a decaying curve; `scale` tells runs apart)."""
+    return scale * math.exp(-step / 60) + 0.5
+
+
+def add_train_steps(sessions: sessionmaker[Session], run_id: str, first: int, last: int,
+                    scale: float = 3.0) -> None:
     """Writes train metric rows for steps first..last (a decaying loss) and moves the stage's step."""
     now = datetime.now(UTC)
     points = []
     for step in range(first, last + 1):
-        points.append(MetricPoint(0, step, "train", {"loss": 3.0 * math.exp(-step / 60) + 0.5, "lr": 2e-4,
+        points.append(MetricPoint(0, step, "train", {"loss": train_loss(step, scale), "lr": 2e-4,
                                                      "grad_norm": 1.0}, now))
         if step % 10 == 0:
             points.append(MetricPoint(0, step, "eval", {"loss": 3.2 * math.exp(-step / 70) + 0.6}, now))
@@ -96,3 +102,26 @@ def finish_run(sessions: sessionmaker[Session], run_id: str, status: str) -> Non
                 stage.status = status
                 stage.finished_at = run.finished_at
         session.commit()
+
+
+def seed_finished_run(sessions: sessionmaker[Session], team_id: str, name: str, *, learning_rate: float,
+                      scale: float, steps: int = 30) -> str:
+    """Returns the id of a `succeeded` one-stage SFT run with metrics, a resume checkpoint and exports."""
+    run_id = seed_running_run(sessions, team_id, name, total_steps=steps)
+    add_train_steps(sessions, run_id, 1, steps, scale)
+    finish_run(sessions, run_id, "succeeded")
+    with sessions() as session:
+        run = session.get(Run, run_id)
+        stage = {**run.spec["stages"][0], "learning_rate": learning_rate, "max_steps": steps}
+        run.spec = {**run.spec, "stages": [stage]}
+        files = [{"path": "adapter_model.safetensors", "size": 1_048_576, "sha256": "a" * 64},
+                 {"path": "tokenizer/special_tokens_map.json", "size": 512, "sha256": "b" * 64}]
+        for kind in ("resume", "adapter", "merged"):
+            checkpoint_id = new_id("ckpt")
+            session.add(Checkpoint(id=checkpoint_id, run_id=run_id, team_id=team_id, stage_index=0,
+                                   step=steps, kind=kind, blob_prefix=f"checkpoints/{run_id}/{checkpoint_id}",
+                                   files=files, metrics={"loss": train_loss(steps, scale), "eval_loss": 0.9,
+                                            "mean_token_accuracy": 0.61},
+                                   size_bytes=1_049_088))
+        session.commit()
+    return run_id

@@ -29,7 +29,8 @@ def test_seeded_run_page_follows_new_metrics_and_cancels(
 
     row.get_by_role("link", name="sft-seeded").click()
     page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '20'")
-    assert page.locator("#chart-eval_loss").is_visible()  # eval rows at steps 10 and 20
+    # Train and eval loss share one chart (eval rows at steps 10 and 20).
+    assert page.locator("#chart-loss").get_attribute("data-series") == "2"
     assert page.locator("#chart-lr").is_visible()
     assert page.locator("#chart-reward").is_hidden()  # SFT reports no reward
 
@@ -41,7 +42,7 @@ def test_seeded_run_page_follows_new_metrics_and_cancels(
     page.get_by_role("button", name="Cancel run").click()
     # No worker runs this seeded run, so it stays `cancelling` (the live test sees `cancelled`).
     page.locator("h1 .badge", has_text="cancelling").wait_for()
-    assert page.get_by_role("button", name="Cancel run").is_disabled()
+    assert page.get_by_role("button", name="Cancel run").is_hidden()  # only actions that apply are shown
     save_screenshot(page, tmp_path, "dashboard-seeded-run.png")
 
     page.set_viewport_size({"width": 390, "height": 844})
@@ -200,3 +201,75 @@ def test_event_stream_parser_handles_any_chunking(live_service: LiveService, bro
             {"event": "status", "data": '{"status":"cancelled"}', "id": "8"},
         ]
         assert result["retry"] == 500
+
+
+def test_two_finished_runs_compare_on_one_chart_with_their_config_difference(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    fast = seed.seed_finished_run(live_service.sessions, live_service.team_id, "lr-1e-3", learning_rate=1e-3,
+                                  scale=3.0)
+    slow = seed.seed_finished_run(live_service.sessions, live_service.team_id, "lr-1e-4", learning_rate=1e-4,
+                                  scale=4.5)
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+    for run_id, scale in ((fast, 3.0), (slow, 4.5)):
+        row = page.locator(f"#runs-table tr[data-run-id='{run_id}']")
+        row.get_by_role("checkbox").check()
+        # The final train loss of each finished run is a column of the table.
+        final = row.locator(".cell-final", has_text=f"{seed.train_loss(30, scale):.3f}")
+        final.wait_for()
+    page.get_by_role("button", name="Compare 2 runs").click()
+
+    page.wait_for_function("document.querySelector('#chart-compare-train-loss')?.dataset.series === '2'")
+    chart = page.locator("#chart-compare-train-loss")
+    assert chart.get_attribute("data-points") == "30"
+    legend = chart.locator(".u-legend .u-series .u-label").all_inner_texts()
+    assert legend == ["step", "lr-1e-3", "lr-1e-4"]
+    diff = page.locator("#config-diff")
+    rows = diff.locator("tbody tr")
+    paths = [rows.nth(i).get_attribute("data-path") for i in range(rows.count())]
+    assert "stages[0].learning_rate" in paths and "name" in paths
+    assert diff.locator("tr[data-path='stages[0].learning_rate'] td").all_inner_texts() == ["0.001", "0.0001"]
+    assert "base_model" not in paths  # equal fields are not listed
+    save_screenshot(page, tmp_path, "dashboard-compare.png")
+    assert console_errors == []
+
+
+def test_hovering_a_chart_reads_the_value_at_that_step(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    run_id = seed.seed_finished_run(live_service.sessions, live_service.team_id, "hover", learning_rate=2e-4,
+                                    scale=3.0, steps=40)
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+    page.goto(f"{live_service.base_url}/#/runs/{run_id}")
+    page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '40'")
+    over = page.locator("#chart-loss .u-over")
+    box = over.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    values = page.locator("#chart-loss .u-legend .u-series .u-value")
+    page.wait_for_function("/^[0-9]+$/.test(document.querySelector('#chart-loss .u-value').textContent)")
+    step = int(values.nth(0).inner_text())
+    assert 1 <= step <= 40
+    # The legend shows the hovered step's train loss (4 significant digits, as the dashboard prints).
+    assert values.nth(1).inner_text() == f"{seed.train_loss(step):.3f}"
+
+    # Smoothing and log scale redraw the same points.
+    page.locator("#chart-log").check()
+    page.locator("#chart-smoothing").fill("0.9")
+    page.wait_for_function("document.querySelector('#chart-loss').dataset.points === '40'")
+    # A finished run offers no cancel, its exports are apart from resume checkpoints, and its config is shown.
+    assert page.get_by_role("button", name="Cancel run").is_hidden()
+    assert page.locator("#exports-table tbody tr").count() == 2
+    assert page.locator("#checkpoints-table tbody tr").count() == 1
+    page.locator("#run-spec summary").click()
+    assert '"learning_rate": 0.0002' in page.locator("#run-spec pre").inner_text()
+    save_screenshot(page, tmp_path, "dashboard-hover.png")
+
+    page.set_viewport_size({"width": 367, "height": 800})
+    page.reload()
+    page.locator("#exports-table").wait_for()
+    page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '40'")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 367
+    save_screenshot(page, tmp_path, "dashboard-finished-run-phone.png")
+    assert console_errors == []

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from trainer_core.config import Adapter, Stage
     from trainer_core.graders.scoring import GraderRuntime
+    from trainer_core.model_folders import ModelFolders
     from trainer_core.modeling import ReferencePolicy
 
 RECORD_FORMAT_KEY = "format"
@@ -74,7 +75,7 @@ class StageContext:
     tagged with their dataset format under ``RECORD_FORMAT_KEY`` (an SFT stage may mix "sft" and
     "trajectories" records, which a ``text`` field alone cannot tell apart).
     ``reference``: the frozen policy as it was when the stage began; loaded on first use.
-    ``resolve_model``: turns a base model name or checkpoint id into a folder (SAD teachers).
+    ``resolve_model``: turns a base model name or checkpoint id into its folders (SAD teachers).
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
     ``graders``: what RL rewards need from the host (sandbox, judge endpoint and keys, reward models).
     """
@@ -89,7 +90,7 @@ class StageContext:
     device: torch.device
     work_dir: Path
     reference: ReferencePolicy
-    resolve_model: Callable[[str], Path] | None = None
+    resolve_model: Callable[[str], ModelFolders | Path] | None = None
     graders: GraderRuntime | None = None
 
 

@@ -73,8 +73,8 @@ def _teacher_source(ctx: StageContext, stage: SADStage) -> LocalTeacher | SGLang
     teacher: LocalTeacher | SGLangTeacher
     if spec.source == "model":
         assert spec.model is not None
-        path = ctx.resolve_model(spec.model) if ctx.resolve_model else Path(spec.model)
-        teacher = LocalTeacher(path, spec.top_k, ctx.device)
+        model = ctx.resolve_model(spec.model) if ctx.resolve_model else Path(spec.model)
+        teacher = LocalTeacher(model, spec.top_k, ctx.device)
     else:
         assert spec.url is not None
         teacher = SGLangTeacher(spec.url, spec.top_k)

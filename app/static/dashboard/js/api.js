@@ -59,6 +59,13 @@ export async function api(path, { method = "GET", query, body, signal, signOutOn
   return response.status === 204 ? null : response.json();
 }
 
+/** Uploads a file as multipart form data (the browser streams it) and returns the parsed answer. */
+export async function uploadForm(path, form) {
+  const response = await fetch(path, { method: "POST", headers: authHeaders({ Accept: "application/json" }), body: form });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
 /**
  * Downloads an authenticated file: fetches it with the key, then saves it through a blob URL.
  * A plain link cannot carry the Authorization header, so the bytes pass through memory; for

@@ -1,7 +1,9 @@
-// Entry point: hash routes (#/runs, #/runs/{id}, #/datasets[/{id}], #/evals[/{id}]) and sign-in state.
+// Entry point: hash routes (#/runs, #/runs/{id}, #/compare?runs=a,b, #/datasets[/{id}], #/evals[/{id}])
+// and sign-in state.
 
 import { clearKey, getKey } from "./api.js";
 import { notify } from "./dom.js";
+import { renderCompare } from "./views/compare.js";
 import { renderDataset, renderDatasets } from "./views/datasets.js";
 import { renderEval, renderEvals } from "./views/evals.js";
 import { renderLogin } from "./views/login.js";
@@ -16,6 +18,7 @@ let dispose = null;
 const ROUTES = [
   [/^runs\/([\w-]+)$/, (m) => renderRun(view, m[1]), "runs"],
   [/^runs$/, (m, params) => renderRuns(view, params), "runs"],
+  [/^compare$/, (m, params) => renderCompare(view, params), "runs"],
   [/^datasets\/([\w-]+)$/, (m) => renderDataset(view, m[1]), "datasets"],
   [/^datasets$/, () => renderDatasets(view), "datasets"],
   [/^evals\/([\w-]+)$/, (m) => renderEval(view, m[1]), "evals"],

@@ -1,4 +1,5 @@
-// Line charts of one metric over steps, drawn with the vendored uPlot (window.uPlot).
+// Line charts over steps, drawn with the vendored uPlot (window.uPlot): hover values in the legend,
+// axis labels, and the shared view settings (smoothing, log scale) of every chart on the page.
 
 import { h } from "./dom.js";
 import { formatNumber } from "./format.js";
@@ -18,26 +19,81 @@ export function loadChartLibrary() {
   return libraryLoading;
 }
 
-const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"];
+export const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"];
 const HEIGHT = 200;
+
+/** View settings shared by the charts of a page: EMA smoothing weight (0 = raw) and log-scale y. */
+export class ChartView {
+  constructor() {
+    this.smoothing = 0;
+    this.log = false;
+    this.listeners = new Set();
+  }
+
+  set(changes) {
+    Object.assign(this, changes);
+    this.listeners.forEach((listener) => listener());
+  }
+
+  /** Returns the toolbar (smoothing slider, log-scale box) that changes this view. */
+  controls() {
+    const slider = h("input", { type: "range", id: "chart-smoothing", min: "0", max: "0.99", step: "0.01", value: String(this.smoothing) });
+    const shown = h("output", { for: "chart-smoothing", class: "mono small" }, this.smoothing.toFixed(2));
+    slider.addEventListener("input", () => {
+      shown.textContent = Number(slider.value).toFixed(2);
+      this.set({ smoothing: Number(slider.value) });
+    });
+    const log = h("input", { type: "checkbox", id: "chart-log" });
+    log.addEventListener("change", () => this.set({ log: log.checked }));
+    return h(
+      "div",
+      { class: "chart-controls" },
+      h("label", { for: "chart-smoothing" }, "Smoothing"),
+      slider,
+      shown,
+      h("label", { class: "check" }, log, " Log scale"),
+    );
+  }
+}
+
+/**
+ * Returns an exponential moving average of `values` (nulls kept), debiased like TensorBoard's so
+ * the first points are not pulled towards zero.
+ */
+export function smooth(values, weight) {
+  if (!weight) return values;
+  let last = 0;
+  let count = 0;
+  return values.map((v) => {
+    if (v == null) return null;
+    last = last * weight + (1 - weight) * v;
+    count += 1;
+    return last / (1 - weight ** count);
+  });
+}
 
 /** One chart in a <figure>: `update(steps, series)` redraws it with [{name, values}] series. */
 export class MetricChart {
-  constructor({ id, title }) {
+  constructor({ id, title, yLabel }, view = new ChartView()) {
     this.title = title;
-    this.names = "";
+    this.yLabel = yLabel ?? title;
+    this.view = view;
+    this.key = "";
     this.plot = null;
+    this.data = null;
     this.canvas = h("div", { class: "chart-canvas", role: "img", "aria-label": `${title} chart` });
     this.caption = h("figcaption", { class: "chart-caption" });
     this.element = h(
       "figure",
-      { class: "chart", id: `chart-${id}`, dataset: { metric: id, points: "0" } },
+      { class: "chart", id: `chart-${id}`, dataset: { metric: id, points: "0", series: "0" } },
       h("h3", { class: "chart-title" }, title),
       this.canvas,
       this.caption,
     );
     this.resizer = new ResizeObserver(() => this.resize());
     this.resizer.observe(this.canvas);
+    this.onView = () => this.data && this.update(...this.data);
+    view.listeners.add(this.onView);
   }
 
   width() {
@@ -48,23 +104,24 @@ export class MetricChart {
     if (this.plot && this.plot.width !== this.width()) this.plot.setSize({ width: this.width(), height: HEIGHT });
   }
 
-  build(series) {
+  build(series, log) {
     this.plot?.destroy();
     const options = {
       width: this.width(),
       height: HEIGHT,
-      legend: { show: series.length > 1 },
-      cursor: { drag: { x: true, y: false } },
-      scales: { x: { time: false } },
+      // The legend under the chart shows each series' value at the hovered step.
+      legend: { show: true, live: true },
+      cursor: { drag: { x: true, y: false }, points: { size: 7 } },
+      scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
       axes: [
-        { label: "step", size: 36 },
-        { size: axisWidth, values: (_, ticks) => formatTicks(ticks) },
+        { label: "step", size: 40, labelSize: 16 },
+        { label: this.yLabel, labelSize: 16, size: axisWidth, values: (_, ticks) => formatTicks(ticks) },
       ],
       series: [
-        { label: "step" },
+        { label: "step", value: (_, v) => (v == null ? "—" : String(v)) },
         ...series.map((s, i) => ({
           label: s.name,
-          stroke: COLORS[i % COLORS.length],
+          stroke: s.color ?? COLORS[i % COLORS.length],
           width: 1.5,
           spanGaps: true,
           value: (_, v) => formatNumber(v),
@@ -75,6 +132,7 @@ export class MetricChart {
   }
 
   update(steps, series) {
+    this.data = [steps, series];
     loadChartLibrary().then(
       () => this.draw(steps, series),
       () => (this.canvas.textContent = "The chart library did not load; the latest values are below."),
@@ -87,18 +145,23 @@ export class MetricChart {
 
   draw(steps, series) {
     if (this.destroyed) return;
-    const names = series.map((s) => s.name).join("|");
-    if (!this.plot || names !== this.names) {
-      this.names = names;
-      this.build(series);
+    // A log axis needs positive values: a series with zeros or negatives stays linear.
+    const log = this.view.log && series.every((s) => s.values.every((v) => v == null || v > 0));
+    const key = `${series.map((s) => s.name).join("|")}|${log}`;
+    if (!this.plot || key !== this.key) {
+      this.key = key;
+      this.build(series, log);
     }
-    this.plot.setData([steps, ...series.map((s) => s.values)]);
-    this.element.dataset.points = String(steps.length); // what is drawn, for tests and tools
+    this.plot.setData([steps, ...series.map((s) => smooth(s.values, this.view.smoothing))]);
+    // What is drawn, for tests and tools.
+    this.element.dataset.points = String(steps.length);
+    this.element.dataset.series = String(series.length);
   }
 
   destroy() {
     this.destroyed = true;
     this.resizer.disconnect();
+    this.view.listeners.delete(this.onView);
     this.plot?.destroy();
   }
 }
@@ -122,7 +185,7 @@ function formatTicks(ticks) {
 // The y axis is as wide as its longest label (uPlot calls this with the formatted labels).
 function axisWidth(_, labels) {
   const longest = Math.max(3, ...(labels ?? []).map((l) => String(l).length));
-  return 16 + longest * 7;
+  return 26 + longest * 7;
 }
 
 function lastValue(values) {

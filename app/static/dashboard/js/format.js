@@ -1,11 +1,19 @@
 // Human-readable numbers, sizes, dates and durations.
 
 const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+const secondsFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
 
 export function formatDate(iso) {
   if (!iso) return "—";
   const date = new Date(iso);
   return Number.isNaN(date.getTime()) ? "—" : dateFormat.format(date);
+}
+
+/** Date and time to the second (events a few seconds apart must not read as simultaneous). */
+export function formatDateSeconds(iso) {
+  if (!iso) return "—";
+  const date = new Date(iso);
+  return Number.isNaN(date.getTime()) ? "—" : secondsFormat.format(date);
 }
 
 export function formatDuration(seconds) {

@@ -1,28 +1,41 @@
 // Metric points of one run, keyed by (stage, split, step) like the database rows, so a point
 // that arrives twice (initial load, then the stream replaying it) is stored once.
 
-/** Which series each chart plots; `pick: "first"` plots the first name present, "all" plots all. */
+/**
+ * Which series each chart plots. `pick: "first"` plots the first source present, "split" the first
+ * present per split (train and eval loss on one chart), "all" every one present. Titles name what
+ * is plotted: DPO's reward margins are not GRPO's rewards.
+ */
 export const CHART_SPECS = [
-  { id: "loss", title: "Loss", pick: "first", sources: [["train", "loss"], ["train", "loss/total"]] },
   {
-    id: "eval_loss",
-    title: "Eval loss",
-    pick: "first",
-    sources: [["eval", "loss"], ["eval", "eval_loss"], ["train", "eval_loss"]],
+    id: "loss",
+    title: "Loss (train and eval)",
+    yLabel: "loss",
+    pick: "split",
+    sources: [["train", "loss"], ["train", "loss/total"], ["eval", "loss"], ["eval", "eval_loss"], ["train", "eval_loss"]],
   },
   {
     id: "reward",
-    title: "Reward",
+    title: "Reward (mean over completions)",
+    yLabel: "reward",
     pick: "all",
-    sources: [["train", "reward"], ["train", "rewards/margins"], ["train", "objective/scores"]],
+    sources: [["train", "reward"], ["train", "objective/scores"]],
+  },
+  {
+    id: "dpo_rewards",
+    title: "DPO implicit rewards (chosen, rejected, margin)",
+    yLabel: "β · log-ratio",
+    pick: "all",
+    sources: [["train", "rewards/chosen"], ["train", "rewards/rejected"], ["train", "rewards/margins"]],
   },
   {
     id: "kl",
-    title: "KL",
+    title: "KL to the reference",
+    yLabel: "KL",
     pick: "all",
     sources: [["train", "kl"], ["train", "objective/kl"], ["train", "kl/reasoning"], ["train", "kl/action"]],
   },
-  { id: "lr", title: "Learning rate", pick: "first", sources: [["train", "lr"], ["train", "learning_rate"]] },
+  { id: "lr", title: "Learning rate", yLabel: "lr", pick: "first", sources: [["train", "lr"], ["train", "learning_rate"]] },
 ];
 
 /** Turns one API/stream metric payload into points {stage, step, split, values}. */
@@ -77,29 +90,57 @@ export class MetricStore {
     return Math.max(...steps.keys());
   }
 
-  /** Returns {steps, series: [{name, values}]} of one chart for one stage. */
-  chartData(spec, stage) {
-    const splits = this.stages.get(stage) ?? new Map();
+  /** Returns the (split, name) sources of `spec` that have values in the given stages. */
+  chosenSources(spec, stages) {
     const chosen = [];
+    const present = (split, name) =>
+      stages.some((stage) => [...(this.stages.get(stage)?.get(split)?.values() ?? [])].some((v) => v[name] != null));
     for (const [split, name] of spec.sources) {
-      const rows = splits.get(split);
-      if (!rows || ![...rows.values()].some((v) => v[name] != null)) continue;
-      chosen.push({ split, name });
-      if (spec.pick === "first") break;
+      if (spec.pick !== "all" && chosen.some((c) => spec.pick === "first" || c.split === split)) continue;
+      if (present(split, name)) chosen.push({ split, name });
     }
-    const stepSet = new Set();
-    for (const { split } of chosen) for (const step of splits.get(split).keys()) stepSet.add(step);
-    const steps = [...stepSet].sort((a, b) => a - b);
-    const series = chosen.map(({ split, name }) => {
-      const rows = splits.get(split);
-      return { name, values: steps.map((step) => numberOrNull(rows.get(step)?.[name])) };
-    });
-    // Steps where none of the chosen series has a value are dropped (e.g. train steps on an eval chart).
-    const keep = steps.map((_, i) => series.some((s) => s.values[i] != null));
+    return chosen;
+  }
+
+  /**
+   * Returns {steps, series: [{name, values}]} of one chart: one stage, or every stage one after
+   * the other (`stage` = "all"), each shifted by `offsets[stage]` so the run reads as one x axis.
+   */
+  chartData(spec, stage, offsets = {}) {
+    const stages = stage === "all" ? [...this.stages.keys()].sort((a, b) => a - b) : [stage];
+    const chosen = this.chosenSources(spec, stages);
+    const splitsShown = new Set(chosen.map((c) => c.split));
+    const rows = new Map(); // x -> {`${split}|${name}`: value}
+    for (const s of stages) {
+      const offset = stage === "all" ? (offsets[s] ?? 0) : 0;
+      for (const { split, name } of chosen) {
+        for (const [step, values] of this.stages.get(s)?.get(split) ?? []) {
+          const value = numberOrNull(values[name]);
+          if (value == null) continue;
+          const x = step + offset;
+          rows.set(x, { ...rows.get(x), [`${split}|${name}`]: value });
+        }
+      }
+    }
+    const steps = [...rows.keys()].sort((a, b) => a - b);
     return {
-      steps: steps.filter((_, i) => keep[i]),
-      series: series.map((s) => ({ name: s.name, values: s.values.filter((_, i) => keep[i]) })),
+      steps,
+      series: chosen.map(({ split, name }) => ({
+        name: splitsShown.size > 1 ? `${split} ${name}` : name,
+        values: steps.map((x) => rows.get(x)[`${split}|${name}`] ?? null),
+      })),
     };
+  }
+
+  /** Returns {stage: first whole-run step} from the stages' lengths (or their last step seen). */
+  stageOffsets(stagesInfo = []) {
+    const offsets = {};
+    let offset = 0;
+    for (const s of [...stagesInfo].sort((a, b) => a.index - b.index)) {
+      offsets[s.index] = offset;
+      offset += s.total_steps || this.lastStep(s.index) || s.step || 0;
+    }
+    return offsets;
   }
 }
 

@@ -1,7 +1,7 @@
-// Datasets: list with status and counts; one dataset with its stats and validation errors by line.
+// Datasets: upload, list with status and counts; one dataset with its stats and validation errors by line.
 
-import { api } from "../api.js";
-import { errorMessage, fill, h, statusBadge } from "../dom.js";
+import { api, uploadForm } from "../api.js";
+import { errorMessage, fill, h, notify, statusBadge } from "../dom.js";
 import { formatBytes, formatDate, formatNumber } from "../format.js";
 
 const PAGE_SIZE = 50;
@@ -20,6 +20,45 @@ function datasetRow(ds) {
   );
 }
 
+const FORMATS = ["sft", "preference", "prompts", "trajectories"];
+
+/** The upload form: a JSONL file and its format (auto-detected when left empty). */
+function datasetUploadForm(onUploaded) {
+  const file = h("input", { type: "file", id: "upload-file", name: "file", accept: ".jsonl,.json,application/jsonl", required: true });
+  const format = h("select", { id: "upload-format", name: "format" }, h("option", { value: "" }, "detect"), FORMATS.map((f) => h("option", { value: f }, f)));
+  const submit = h("button", { type: "submit", class: "button-primary" }, "Upload");
+  const error = h("p", { class: "form-error", role: "alert" });
+  const form = h(
+    "form",
+    { class: "upload-form", id: "upload-dataset", "aria-label": "Upload a dataset" },
+    h("label", {}, "JSONL file", file),
+    h("label", {}, "Format", format),
+    submit,
+    error,
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!file.files.length) return;
+    const body = new FormData();
+    body.append("file", file.files[0]);
+    if (format.value) body.append("format", format.value);
+    body.append("name", file.files[0].name);
+    submit.disabled = true;
+    error.textContent = "";
+    try {
+      const ds = await uploadForm("/v1/datasets", body);
+      notify(`Uploaded ${ds.name}; validating.`);
+      form.reset();
+      onUploaded(ds);
+    } catch (err) {
+      error.textContent = `Upload failed: ${errorMessage(err)}`;
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
+}
+
 export function renderDatasets(view) {
   const cursors = [null];
   let disposed = false;
@@ -32,6 +71,7 @@ export function renderDatasets(view) {
   fill(
     view,
     h("div", { class: "view-header" }, h("h1", {}, "Datasets")),
+    datasetUploadForm((ds) => (location.hash = `#/datasets/${ds.id}`)),
     message,
     h(
       "div",
@@ -74,7 +114,13 @@ export function renderDatasets(view) {
 function statsList(stats) {
   const entries = Object.entries(stats ?? {});
   if (!entries.length) return h("p", { class: "muted" }, "No statistics yet.");
-  const show = (v) => (v && typeof v === "object" ? JSON.stringify(v) : formatNumber(v));
+  // Nested statistics (e.g. token lengths) read as "min 3 · mean 12.5 · max 40", not raw JSON.
+  const show = (v) =>
+    v && typeof v === "object"
+      ? Object.entries(v)
+          .map(([k, x]) => `${k.replaceAll("_", " ")} ${x && typeof x === "object" ? JSON.stringify(x) : formatNumber(x)}`)
+          .join(" · ")
+      : formatNumber(v);
   return h("dl", { class: "summary" }, entries.map(([k, v]) => h("div", {}, h("dt", {}, k.replaceAll("_", " ")), h("dd", {}, show(v)))));
 }
 
@@ -101,10 +147,12 @@ function errorsTable(errors) {
 
 export function renderDataset(view, datasetId) {
   let disposed = false;
+  let timer = null;
   fill(view, h("p", { class: "muted" }, "Loading dataset…"));
-  api(`/v1/datasets/${encodeURIComponent(datasetId)}`)
+  const load = () => api(`/v1/datasets/${encodeURIComponent(datasetId)}`)
     .then((ds) => {
       if (disposed) return;
+      if (ds.status === "validating") timer = setTimeout(load, 1000); // a fresh upload: show the verdict
       fill(
         view,
         h("p", { class: "breadcrumb" }, h("a", { href: "#/datasets" }, "← All datasets")),
@@ -133,5 +181,9 @@ export function renderDataset(view, datasetId) {
     .catch((err) => {
       if (!disposed) fill(view, h("p", { class: "form-error", role: "alert" }, `Could not load dataset ${datasetId}: ${errorMessage(err)}`));
     });
-  return () => (disposed = true);
+  load();
+  return () => {
+    disposed = true;
+    clearTimeout(timer);
+  };
 }

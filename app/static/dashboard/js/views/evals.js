@@ -1,4 +1,4 @@
-// Evals: the list, and one eval's results with the models side by side (metrics as rows).
+// Evals: start one, the list, and one eval's results with the models side by side (metrics as rows).
 
 import { api } from "../api.js";
 import { errorMessage, fill, h, progressBar, statusBadge } from "../dom.js";
@@ -20,10 +20,58 @@ function openByIdForm() {
   return form;
 }
 
+// The metrics the API computes (trainer_core.eval_metrics) that need no parameters, most used first.
+const METRIC_CHOICES = ["loss", "perplexity", "exact_match", "numeric_match", "preference_accuracy"];
+
+/** The "start an eval" form: models from GET /v1/models, a ready dataset, metrics. */
+function startEvalForm() {
+  const models = h("select", { id: "eval-models", name: "models", multiple: true, required: true, size: 4 });
+  const dataset = h("select", { id: "eval-dataset", name: "dataset", required: true });
+  const metrics = METRIC_CHOICES.map((m) => h("input", { type: "checkbox", name: "metrics", value: m, checked: m === "loss" }));
+  const submit = h("button", { type: "submit", class: "button-primary" }, "Start eval");
+  const error = h("p", { class: "form-error", role: "alert" });
+  const form = h(
+    "form",
+    { class: "eval-form", id: "start-eval", "aria-label": "Start an eval" },
+    h("label", {}, "Models", models),
+    h("label", {}, "Dataset", dataset),
+    h("fieldset", { class: "check-group" }, h("legend", {}, "Metrics"), metrics.map((box) => h("label", { class: "check" }, box, box.value))),
+    submit,
+    error,
+  );
+  Promise.all([api("/v1/models"), api("/v1/datasets", { query: { limit: 100 } })])
+    .then(([modelList, datasets]) => {
+      fill(models, modelList.data.map((m) => h("option", { value: m.id }, m.kind === "base" ? m.id : `${m.id} (${m.kind})`)));
+      fill(dataset, datasets.data.filter((d) => d.status === "ready").map((d) => h("option", { value: d.id }, `${d.name || d.id} (${d.format})`)));
+    })
+    .catch((err) => (error.textContent = `Could not load models and datasets: ${errorMessage(err)}`));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    submit.disabled = true;
+    error.textContent = "";
+    try {
+      const ev = await api("/v1/evals", {
+        method: "POST",
+        body: {
+          models: [...models.selectedOptions].map((o) => o.value),
+          dataset_id: dataset.value,
+          metrics: metrics.filter((box) => box.checked).map((box) => box.value),
+        },
+      });
+      location.hash = `#/evals/${ev.id}`;
+    } catch (err) {
+      error.textContent = `Could not start the eval: ${errorMessage(err)}`;
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
+}
+
 export function renderEvals(view) {
   let disposed = false;
   const body = h("div", {}, h("p", { class: "muted" }, "Loading evals…"));
-  fill(view, h("div", { class: "view-header" }, h("h1", {}, "Evals"), openByIdForm()), body);
+  fill(view, h("div", { class: "view-header" }, h("h1", {}, "Evals"), openByIdForm()), startEvalForm(), body);
   api("/v1/evals", { query: { limit: 50 } })
     .then((page) => {
       if (disposed) return;

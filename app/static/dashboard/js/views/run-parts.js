@@ -1,8 +1,8 @@
-// Pieces of the run page that only render data: stage timeline, events log, checkpoints table.
+// Pieces of the run page that only render data: stage timeline, config, events log, checkpoints.
 
 import { api, downloadWithKey } from "../api.js";
 import { errorMessage, fill, h, notify, progressBar, statusBadge } from "../dom.js";
-import { elapsedSeconds, formatBytes, formatDate, formatDuration, formatNumber } from "../format.js";
+import { elapsedSeconds, formatBytes, formatDate, formatDateSeconds, formatDuration, formatNumber } from "../format.js";
 
 export function stageTimeline(stages = []) {
   return h(
@@ -33,6 +33,16 @@ export function stageTimeline(stages = []) {
   );
 }
 
+/** The run's spec as submitted (with its defaults filled in), folded by default. */
+export function specView(spec) {
+  return h(
+    "details",
+    { id: "run-spec" },
+    h("summary", {}, h("h2", { id: "config-title", class: "inline" }, "Config")),
+    h("pre", { class: "code" }, JSON.stringify(spec ?? {}, null, 2)),
+  );
+}
+
 const MAX_EVENTS = 300;
 
 export function eventItem(event) {
@@ -40,7 +50,7 @@ export function eventItem(event) {
   return h(
     "li",
     { class: `event event-${level}`, dataset: { eventId: String(event.id ?? "") } },
-    h("time", { datetime: event.created_at ?? "", class: "muted small" }, formatDate(event.created_at)),
+    h("time", { datetime: event.created_at ?? "", class: "muted small" }, formatDateSeconds(event.created_at)),
     h("span", { class: `level level-${level}` }, level),
     h("span", { class: "event-kind mono" }, event.kind ?? ""),
     h("span", { class: "event-message" }, event.message ?? ""),
@@ -127,20 +137,35 @@ function filesDetails(ckpt) {
   return details;
 }
 
-export function checkpointsTable(checkpoints) {
+const EXPORT_KINDS = new Set(["adapter", "merged"]);
+
+/** Exports (adapter, merged: what to download or serve) apart from resume checkpoints. */
+export function checkpointsTables(checkpoints) {
   if (!checkpoints.length) return h("p", { class: "muted" }, "No checkpoints yet.");
+  const exports = checkpoints.filter((c) => EXPORT_KINDS.has(c.kind));
+  const resume = checkpoints.filter((c) => !EXPORT_KINDS.has(c.kind));
+  return h(
+    "div",
+    {},
+    h("h3", {}, "Exports"),
+    exports.length
+      ? checkpointTable(exports, "exports-table", "Exported models of this run")
+      : h("p", { class: "muted", id: "no-exports" }, "No exports yet: they are written when the run succeeds."),
+    resume.length ? h("h3", { class: "spaced" }, "Resume checkpoints") : null,
+    resume.length ? checkpointTable(resume, "checkpoints-table", "Resume checkpoints of this run") : null,
+  );
+}
+
+function checkpointTable(checkpoints, id, caption) {
+  const columns = ["Checkpoint", "Stage", "Step", "Kind", "Size", "Metrics", "Download"];
   return h(
     "div",
     { class: "table-scroll" },
     h(
       "table",
-      { class: "table", id: "checkpoints-table" },
-      h("caption", { class: "visually-hidden" }, "Checkpoints of this run"),
-      h(
-        "thead",
-        {},
-        h("tr", {}, ["Checkpoint", "Stage", "Step", "Kind", "Size", "Metrics", "Download"].map((t) => h("th", { scope: "col" }, t))),
-      ),
+      { class: "table stack-on-phone", id },
+      h("caption", { class: "visually-hidden" }, caption),
+      h("thead", {}, h("tr", {}, columns.map((t) => h("th", { scope: "col" }, t)))),
       h(
         "tbody",
         {},
@@ -151,16 +176,17 @@ export function checkpointsTable(checkpoints) {
             .slice(0, 3)
             .map(([k, v]) => `${k} ${formatNumber(v)}`)
             .join(", ");
+          const cell = (label, attrs, ...children) => h("td", { ...attrs, dataset: { label } }, ...children);
           return h(
             "tr",
             { dataset: { checkpointId: c.id } },
-            h("td", { class: "mono small" }, c.id, h("div", { class: "muted" }, formatDate(c.created_at))),
-            h("td", {}, String((c.stage_index ?? 0) + 1)),
-            h("td", {}, String(c.step)),
-            h("td", {}, c.kind),
-            h("td", {}, formatBytes(checkpointSize(c))),
-            h("td", { class: "small" }, metrics || "—"),
-            h("td", { class: "cell-actions" }, archive, filesDetails(c)),
+            cell("Checkpoint", { class: "mono small cell-id" }, c.id, h("div", { class: "muted" }, formatDate(c.created_at))),
+            cell("Stage", {}, String((c.stage_index ?? 0) + 1)),
+            cell("Step", {}, String(c.step)),
+            cell("Kind", {}, c.kind),
+            cell("Size", {}, formatBytes(checkpointSize(c))),
+            cell("Metrics", { class: "small" }, metrics || "—"),
+            cell("Download", { class: "cell-actions" }, archive, filesDetails(c)),
           );
         }),
       ),

@@ -1,14 +1,15 @@
-// One run: header with actions, stage timeline, live charts, events and checkpoints.
+// One run: header with actions, stage timeline, live charts (one stage or the whole run), its
+// config, events, exports and resume checkpoints.
 // Live data comes from the SSE stream; if the stream cannot be kept open, the page polls.
 
 import { api } from "../api.js";
-import { MetricChart } from "../charts.js";
+import { ChartView, MetricChart } from "../charts.js";
 import { errorMessage, fill, h, isTerminal, notify, statusBadge } from "../dom.js";
 import { elapsedSeconds, formatDate, formatDuration } from "../format.js";
 import { CHART_SPECS, MetricStore, toPoints } from "../metrics.js";
 import { openStream } from "../stream.js";
 import { progressCell, runProgress } from "./runs.js";
-import { EventsLog, checkpointsTable, stageTimeline } from "./run-parts.js";
+import { EventsLog, checkpointsTables, specView, stageTimeline } from "./run-parts.js";
 
 const POLL_MS = 2000;
 const CANCELLABLE = new Set(["queued", "running"]);
@@ -18,9 +19,10 @@ export function renderRun(view, runId) {
   const base = `/v1/runs/${encodeURIComponent(runId)}`;
   const store = new MetricStore();
   const events = new EventsLog();
-  const charts = new Map(CHART_SPECS.map((spec) => [spec.id, new MetricChart(spec)]));
+  const chartView = new ChartView();
+  const charts = new Map(CHART_SPECS.map((spec) => [spec.id, new MetricChart(spec, chartView)]));
   let run = null;
-  let stage = null; // the stage whose charts are shown
+  let stage = null; // the stage whose charts are shown, or "all" for the whole run
   let followStage = true; // follow the running stage until the user picks one
   let stream = null;
   let timers = [];
@@ -34,6 +36,7 @@ export function renderRun(view, runId) {
   const chartGrid = h("div", { class: "charts" }, [...charts.values()].map((c) => c.element));
   const liveState = h("span", { class: "live muted small", id: "live-state", "aria-live": "polite" });
   const checkpointsBox = h("div", {}, h("p", { class: "muted" }, "Loading checkpoints…"));
+  const configBox = h("section", { "aria-labelledby": "config-title" });
   const cancel = h("button", { type: "button", id: "cancel-run", class: "button-danger" }, "Cancel run");
   const resume = h("button", { type: "button", id: "resume-run" }, "Resume run");
 
@@ -47,9 +50,10 @@ export function renderRun(view, runId) {
       "section",
       { "aria-labelledby": "charts-title" },
       h("div", { class: "section-head" }, h("h2", { id: "charts-title" }, "Metrics"), liveState),
-      stagePicker,
+      h("div", { class: "chart-toolbar" }, stagePicker, chartView.controls()),
       chartGrid,
     ),
+    configBox,
     events.element,
     h("section", { "aria-labelledby": "checkpoints-title" }, h("h2", { id: "checkpoints-title" }, "Checkpoints"), checkpointsBox),
   );
@@ -60,8 +64,11 @@ export function renderRun(view, runId) {
       h("h1", {}, run.name || run.id, " ", statusBadge(run.status)),
       h("div", { class: "actions" }, cancel, resume),
     );
-    cancel.disabled = !CANCELLABLE.has(run.status);
-    resume.disabled = !RESUMABLE.has(run.status);
+    // Only the actions that apply now are shown: a finished run offers no "Cancel run".
+    cancel.hidden = !CANCELLABLE.has(run.status);
+    resume.hidden = !RESUMABLE.has(run.status);
+    cancel.disabled = false;
+    resume.disabled = false;
     const error = run.error ? `${run.error.code ?? run.error.type ?? "error"}: ${run.error.message ?? ""}` : null;
     fill(
       summary,
@@ -78,6 +85,7 @@ export function renderRun(view, runId) {
         .map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value))),
     );
     fill(timeline, h("h2", { id: "timeline-title" }, "Stages"), stageTimeline(run.stages));
+    if (!configBox.firstChild) fill(configBox, specView(run.spec));
     if (followStage) stage = currentStage();
     renderStagePicker();
     scheduleDraw();
@@ -93,17 +101,14 @@ export function renderRun(view, runId) {
   function renderStagePicker() {
     const stages = run.stages ?? [];
     stagePicker.hidden = stages.length < 2;
+    const choices = [...stages.map((s) => [s.index, `Stage ${s.index + 1} · ${s.method}`]), ["all", "Whole run"]];
     fill(
       stagePicker,
-      stages.map((s) => {
-        const button = h(
-          "button",
-          { type: "button", class: "chip", "aria-pressed": String(s.index === stage) },
-          `Stage ${s.index + 1} · ${s.method}`,
-        );
+      choices.map(([value, label]) => {
+        const button = h("button", { type: "button", class: "chip", "aria-pressed": String(value === stage) }, label);
         button.addEventListener("click", () => {
           followStage = false;
-          stage = s.index;
+          stage = value;
           renderStagePicker();
           scheduleDraw();
         });
@@ -118,8 +123,9 @@ export function renderRun(view, runId) {
     requestAnimationFrame(() => {
       drawPending = false;
       if (disposed || stage == null) return;
+      const offsets = store.stageOffsets(run.stages);
       for (const spec of CHART_SPECS) {
-        const { steps, series } = store.chartData(spec, stage);
+        const { steps, series } = store.chartData(spec, stage, offsets);
         const chart = charts.get(spec.id);
         chart.element.hidden = spec.id !== "loss" && steps.length === 0;
         if (!chart.element.hidden) chart.update(steps, series);
@@ -152,7 +158,7 @@ export function renderRun(view, runId) {
   async function refreshCheckpoints() {
     try {
       const page = await api(`${base}/checkpoints`, { query: { limit: 100 } });
-      fill(checkpointsBox, checkpointsTable(page.data));
+      fill(checkpointsBox, checkpointsTables(page.data));
     } catch (err) {
       fill(checkpointsBox, h("p", { class: "form-error" }, `Could not load checkpoints: ${errorMessage(err)}`));
     }

@@ -1,8 +1,9 @@
-// Runs table: status filter, cursor pagination, refreshed while any run on the page is active.
+// Runs table: status filter, cursor pagination, refreshed while any run on the page is active,
+// the final train loss of finished runs, and a selection of runs to compare.
 
 import { api } from "../api.js";
 import { errorMessage, fill, h, isTerminal, progressBar, statusBadge } from "../dom.js";
-import { elapsedSeconds, formatDate, formatDuration } from "../format.js";
+import { elapsedSeconds, formatDate, formatDuration, formatNumber } from "../format.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 5000;
@@ -47,11 +48,36 @@ export function progressCell(run) {
   return h("div", { class: "progress-cell" }, progressBar(fraction, `Progress of ${run.name ?? run.id}`), h("span", { class: "muted small" }, text));
 }
 
-function runRow(run) {
+// Final losses of finished runs never change: fetched once per run and page load.
+const finalLosses = new Map();
+
+async function finalLoss(run) {
+  if (!finalLosses.has(run.id)) {
+    const last = Math.max(0, (run.stages?.length ?? 1) - 1);
+    finalLosses.set(
+      run.id,
+      api(`/v1/runs/${run.id}/metrics`, { query: { names: "loss", split: "train", stage: last, max_points: 2 } })
+        .then((page) => page.data[0]?.points.at(-1)?.[1] ?? null)
+        .catch(() => null),
+    );
+  }
+  return finalLosses.get(run.id);
+}
+
+function finalLossCell(run) {
+  const cell = h("td", { class: "cell-final num", dataset: { label: "Final loss" } }, "—");
+  if (isTerminal(run.status)) finalLoss(run).then((value) => (cell.textContent = formatNumber(value)));
+  return cell;
+}
+
+function runRow(run, selected, onSelect) {
+  const box = h("input", { type: "checkbox", "aria-label": `Compare ${run.name || run.id}`, checked: selected.has(run.id) });
+  box.addEventListener("change", () => onSelect(run.id, box.checked));
   // data-label names each cell for the stacked (card) layout at phone widths.
   return h(
     "tr",
     { dataset: { runId: run.id } },
+    h("td", { class: "cell-select" }, box),
     h(
       "td",
       { class: "cell-name", dataset: { label: "Name" } },
@@ -67,6 +93,7 @@ function runRow(run) {
       { class: "cell-duration", dataset: { label: "Duration" } },
       formatDuration(elapsedSeconds(run.started_at, run.finished_at)),
     ),
+    finalLossCell(run),
   );
 }
 
@@ -97,8 +124,9 @@ export function renderRuns(view, params) {
       h(
         "tr",
         {},
-        ["Name", "Status", "Stages", "Progress", "Created", "Duration"].map((t) =>
-          h("th", { scope: "col", class: `col-${t.toLowerCase()}` }, t),
+        h("th", { scope: "col", class: "col-select" }, h("span", { class: "visually-hidden" }, "Compare")),
+        ["Name", "Status", "Stages", "Progress", "Created", "Duration", "Final loss"].map((t) =>
+          h("th", { scope: "col", class: `col-${t.toLowerCase().replace(" ", "-")}` }, t),
         ),
       ),
     ),
@@ -108,6 +136,17 @@ export function renderRuns(view, params) {
   const next = h("button", { type: "button", id: "runs-next", disabled: true }, "Next page");
   const pageInfo = h("span", { class: "muted", "aria-live": "polite" });
   const message = h("p", { class: "muted", role: "status" }, "Loading runs…");
+  const selected = new Set();
+  const compare = h("button", { type: "button", id: "compare-runs", class: "button-primary", disabled: true }, "Compare runs");
+  const onSelect = (runId, on) => {
+    if (on) selected.add(runId);
+    else selected.delete(runId);
+    compare.disabled = selected.size < 2;
+    compare.textContent = selected.size ? `Compare ${selected.size} runs` : "Compare runs";
+  };
+  compare.addEventListener("click", () => {
+    location.hash = `#/compare?runs=${[...selected].join(",")}`;
+  });
 
   fill(
     view,
@@ -115,7 +154,7 @@ export function renderRuns(view, params) {
       "div",
       { class: "view-header" },
       h("h1", {}, "Runs"),
-      h("div", { class: "field-inline" }, h("label", { for: "status-filter" }, "Status"), filter),
+      h("div", { class: "field-inline" }, compare, h("label", { for: "status-filter" }, "Status"), filter),
     ),
     message,
     h("div", { class: "table-scroll" }, table),
@@ -132,7 +171,7 @@ export function renderRuns(view, params) {
       return;
     }
     if (disposed) return;
-    fill(tbody, page.data.map(runRow));
+    fill(tbody, page.data.map((run) => runRow(run, selected, onSelect)));
     message.textContent = page.data.length ? "" : status ? `No ${status} runs.` : "No runs yet. Submit one with POST /v1/runs.";
     message.hidden = page.data.length > 0;
     prev.disabled = cursors.length <= 1;
