@@ -6,6 +6,7 @@ Layout under a run's work_dir::
     stage-{i}/checkpoint-{step:08d}/      resume state after optimizer step `step`
         trainable.safetensors             trainable weights (LoRA, or every weight for full FT)
         optimizer.pt  rng.pt  method_state.pt  trainer_state.json
+        modules.pt                        a method's extra trainable modules (PPO value head), if any
         manifest.json                     written last: config, stage, step, versions, files+sha256
     export/adapter/  export/merged/       final exports, each with its manifest.json
 
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +165,13 @@ def save_resume_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     metrics: dict[str, float],
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> CheckpointInfo:
-    """Returns the info of a complete resume checkpoint written for optimizer step ``step``."""
+    """Returns the info of a complete resume checkpoint written for optimizer step ``step``.
+
+    ``modules``: trainable modules besides the policy (a method's ``trainable_modules``), stored
+    by name.
+    """
     final = stage_folder / f"checkpoint-{step:08d}"
     tmp = _fresh_tmp(final)
     weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
@@ -172,6 +179,8 @@ def save_resume_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(method_state, tmp / "method_state.pt")
+    if modules:
+        torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
                 "config": config, "metrics": metrics}
@@ -198,14 +207,23 @@ def stage_finished(folder: Path) -> bool:
 
 
 def load_resume_checkpoint(
-    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> ResumeState:
     """Returns the loop state of a resume checkpoint after loading weights, optimizer and RNG in place.
+
+    ``modules`` get the weights ``save_resume_checkpoint`` stored for them (the same names).
 
     Call it last before training continues: restoring the RNG must come after anything (model
     building, method setup) that draws random numbers.
     """
     load_trainable_weights(folder, model)
+    if modules:
+        stored = torch.load(folder / "modules.pt", weights_only=True)
+        if set(stored) != set(modules):
+            raise ValueError(f"checkpoint {folder} holds modules {sorted(stored)}, not {sorted(modules)}")
+        for name, module in modules.items():
+            module.load_state_dict(stored[name])
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     _restore_rng(torch.load(folder / "rng.pt", weights_only=True))
     manifest = read_manifest(folder)
@@ -279,9 +297,12 @@ def export_adapter(
 
 def export_merged(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, base_model_dir: Path,
-    stage_index: int, step: int, config: dict[str, Any],
+    stage_index: int, step: int, config: dict[str, Any], kind: CheckpointKind = "merged",
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> CheckpointInfo:
     """Returns the info of a full model folder with the adapter merged in (plain ``from_pretrained``).
+
+    ``extra_files`` name -> writer add files (a reward model's head) before the manifest is written.
 
     The merge happens in float32 on a fresh copy of the base loaded from ``base_model_dir`` (the
     training model is left untouched), then the weights are cast back to the base's saved dtype
@@ -300,8 +321,10 @@ def export_merged(
         merged = model
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    manifest = {"kind": "merged", "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, "merged", stage_index, step)
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)
+    manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
+    return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
 
 
 def _export_info(

@@ -1,4 +1,5 @@
-"""Typed configuration of a training run: adapter, stages, teachers (reward specs: reward_config.py).
+"""Typed configuration of a training run: adapter, stages, teachers (reward specs: reward_config.py),
+and the sampling parameters serving, evals and the decoder share.
 
 These models are the contract between the API and the trainer: the API validates a submitted run
 spec with exactly these classes and the trainer runs what they describe. This module must import
@@ -7,6 +8,7 @@ without torch (the API imports it on the request path).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -15,7 +17,6 @@ from trainer_core.grader_config import StageReward
 from trainer_core.reward_config import ExactMatchReward
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
-Method = Literal["sft", "dpo", "ppo", "grpo", "sad"]
 
 # Which dataset formats each stage method can train on.
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
@@ -35,11 +36,17 @@ class _Strict(BaseModel):
 
 
 class LoraAdapter(_Strict):
-    type: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    type: Literal["lora"] = Field("lora", description="LoRA: low-rank adapters on the frozen base model")
+    r: int = Field(16, ge=1, le=1024, description="rank of each adapter matrix")
+    alpha: float = Field(
+        32, gt=0,
+        description="scaling numerator: the adapter's update is scaled by alpha / r",
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input during training")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="module names to adapt, or 'all-linear' for every linear layer but the LM head",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -52,7 +59,7 @@ class LoraAdapter(_Strict):
 class FullAdapter(_Strict):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
-    type: Literal["full"] = "full"
+    type: Literal["full"] = Field("full", description="full fine-tuning: every weight trains")
 
 
 Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
@@ -62,16 +69,22 @@ Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
 
 
 class DatasetRef(_Strict):
-    id: str = Field(min_length=1)
-    weight: float = Field(1.0, gt=0)
+    id: str = Field(min_length=1, description="id of an uploaded dataset")
+    weight: float = Field(
+        1.0, gt=0,
+        description="share of the stage's training mixture, relative to the other datasets' weights",
+    )
 
 
 class PromptCurriculum(_Strict):
     """Admit harder prompts (records carry an integer `difficulty`) once the success rate passes a bar."""
 
-    threshold: float = Field(0.7, gt=0, le=1)
+    threshold: float = Field(
+        0.7, gt=0, le=1,
+        description="success rate over the window that admits the next difficulty level",
+    )
     window: int = Field(32, ge=1, description="recent prompts over which the success rate is measured")
-    start_level: int = 0
+    start_level: int = Field(0, description="the highest difficulty admitted at the start")
 
 
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
@@ -83,21 +96,48 @@ LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full',
 
 
 class StageBase(_Strict):
-    datasets: list[DatasetRef] = Field(min_length=1)
-    eval_dataset: str | None = None
+    datasets: list[DatasetRef] = Field(min_length=1, description="training datasets, mixed by weight")
+    eval_dataset: str | None = Field(
+        None,
+        description="id of a held-out dataset to evaluate on (instead of eval_fraction)",
+    )
     eval_fraction: float = Field(0.0, ge=0, le=0.5, description="held-out share of the training mixture")
-    epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(
+        None, gt=0,
+        description="passes over the training data (give epochs or max_steps; default: 1 epoch)",
+    )
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of the stage (instead of epochs)")
     learning_rate: float = Field(2e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    max_seq_len: int = Field(2048, ge=8)
-    truncation: Literal["right", "left", "drop"] = "right"
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(
+        8, ge=1,
+        description="examples per micro-batch (pairs for DPO, completions for GRPO, prompts for PPO)",
+    )
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(
+        2048, ge=8,
+        description="longest sequence in tokens; longer examples are truncated per `truncation`",
+    )
+    truncation: Literal["right", "left", "drop"] = Field(
+        "right",
+        description="how an over-long example is cut: keep its start (right), its end (left), or drop it",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="learning-rate decay after warmup",
+    )
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup")
+    weight_decay: float = Field(
+        0.0, ge=0,
+        description="AdamW weight decay (biases and norm weights take none)",
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0,
+        description="gradient-norm clipping threshold; null turns clipping off",
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1,
+        description="evaluate every N optimizer steps (and at the end); needs eval data",
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -135,16 +175,22 @@ class StageBase(_Strict):
 
 
 class SFTStage(StageBase):
-    method: Literal["sft"]
-    packing: bool = True
+    method: Literal["sft"] = Field(description="supervised fine-tuning on sft or trajectories records")
+    packing: bool = Field(
+        True,
+        description="pack examples into rows (block-diagonal attention); else length-grouped, padded",
+    )
 
 
 class DPOStage(StageBase):
-    method: Literal["dpo"]
+    method: Literal["dpo"] = Field(description="direct preference optimisation on preference records")
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the stage-start reference")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="assumed share of flipped preference labels (cDPO; sigmoid only)",
+    )
 
     @field_validator("label_smoothing")
     @classmethod
@@ -159,10 +205,16 @@ class _RolloutStage(StageBase):
         default_factory=lambda: ExactMatchReward(type="exact_match"),
         description="a Tuneyard reward spec (exact_match ... combined) or a grader (string_check ... multi)",
     )
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    curriculum: PromptCurriculum | None = None
+    max_new_tokens: int = Field(
+        256, ge=1,
+        description="most tokens sampled per completion (below max_seq_len)",
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of rollouts")
+    curriculum: PromptCurriculum | None = Field(
+        None,
+        description="admit harder prompts (by their `difficulty`) as the success rate rises",
+    )
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -177,14 +229,26 @@ class _RolloutStage(StageBase):
 
 
 class GRPOStage(_RolloutStage):
-    method: Literal["grpo"]
+    method: Literal["grpo"] = Field(description="group relative policy optimisation on prompts records")
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    num_generations: int = Field(8, ge=2)
-    epsilon: float = Field(0.2, gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0)
+    num_generations: int = Field(
+        8, ge=2,
+        description="completions sampled per prompt (a group); divides batch_size",
+    )
+    epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip range of the probability ratio")
+    epsilon_high: float | None = Field(
+        None, gt=0,
+        description="upper clip range (DAPO's clip-higher); default: epsilon",
+    )
     beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference forward")
-    loss_aggregation: Literal["grpo", "dapo"] = "grpo"
-    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    loss_aggregation: Literal["grpo", "dapo"] = Field(
+        "grpo",
+        description="grpo: mean per sequence, then over sequences; dapo: mean over all tokens",
+    )
+    advantage_scaling: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="divide advantages by the group's or the batch's reward std, or not at all",
+    )
 
     @field_validator("num_generations")
     @classmethod
@@ -199,23 +263,28 @@ class GRPOStage(_RolloutStage):
 
 
 class PPOStage(_RolloutStage):
-    method: Literal["ppo"]
+    method: Literal["ppo"] = Field(
+        description="proximal policy optimisation with a value head on prompts records",
+    )
     learning_rate: float = Field(1e-5, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    vf_coef: float = Field(0.1, ge=0)
-    kl_coef: float = Field(0.05, ge=0)
-    cliprange: float = Field(0.2, gt=0, lt=1)
-    cliprange_value: float = Field(0.2, gt=0)
-    ppo_epochs: int = Field(4, ge=1)
-    whiten_advantages: bool = True
+    gamma: float = Field(1.0, ge=0, le=1, description="discount factor of GAE")
+    lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    kl_coef: float = Field(
+        0.05, ge=0,
+        description="per-token KL penalty to the stage-start reference, in the reward",
+    )
+    cliprange: float = Field(0.2, gt=0, lt=1, description="clip range of the probability ratio")
+    cliprange_value: float = Field(0.2, gt=0, description="clip range of the value update")
+    ppo_epochs: int = Field(4, ge=1, description="optimizer steps (epochs over the rollout) per rollout")
+    whiten_advantages: bool = Field(True, description="normalise advantages to zero mean and unit variance")
 
 
 class SpanWeights(_Strict):
     """Loss weight per span type; observation and other spans never carry loss."""
 
-    reasoning: float = Field(1.0, ge=0)
-    action: float = Field(1.0, ge=0)
+    reasoning: float = Field(1.0, ge=0, description="loss weight of reasoning tokens")
+    action: float = Field(1.0, ge=0, description="loss weight of action tokens")
 
     @model_validator(mode="after")
     def _some_weight(self) -> SpanWeights:
@@ -227,10 +296,22 @@ class SpanWeights(_Strict):
 class SpanMarkers(_Strict):
     """Line-start markers that open each span type in text trajectories."""
 
-    reasoning: list[str] = ["Thought:", "Reasoning:"]
-    action: list[str] = ["Action:", "Answer:", "Final Answer:"]
-    observation: list[str] = ["Observation:"]
-    think_tags: tuple[str, str] | None = ("<think>", "</think>")
+    reasoning: list[str] = Field(
+        ["Thought:", "Reasoning:"],
+        description="line-start markers that open a reasoning span",
+    )
+    action: list[str] = Field(
+        ["Action:", "Answer:", "Final Answer:"],
+        description="line-start markers that open an action span",
+    )
+    observation: list[str] = Field(
+        ["Observation:"],
+        description="line-start markers that open an observation span (never trained)",
+    )
+    think_tags: tuple[str, str] | None = Field(
+        ("<think>", "</think>"),
+        description="opening and closing tags of inline reasoning; null: none",
+    )
 
 
 class TeacherSpec(_Strict):
@@ -241,10 +322,16 @@ class TeacherSpec(_Strict):
     `sglang`: prompt top-k log-probs from an SGLang server at `url`.
     """
 
-    source: Literal["dataset", "model", "sglang"] = "dataset"
-    model: str | None = None
-    url: str | None = None
-    top_k: int = Field(20, ge=1, le=1000)
+    source: Literal["dataset", "model", "sglang"] = Field(
+        "dataset",
+        description="dataset (stored top-k log-probs), model (a local model) or sglang (a server)",
+    )
+    model: str | None = Field(
+        None,
+        description="with source 'model': a base model name or a finished checkpoint id",
+    )
+    url: str | None = Field(None, description="with source 'sglang': the server's base URL")
+    top_k: int = Field(20, ge=1, le=1000, description="teacher log-probs kept per position")
 
     @model_validator(mode="after")
     def _needs_target(self) -> TeacherSpec:
@@ -256,20 +343,38 @@ class TeacherSpec(_Strict):
 
 
 class SADStage(StageBase):
-    method: Literal["sad"]
-    teacher: TeacherSpec = TeacherSpec()
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "symmetric_kl", "alpha", "ce"] = "forward_kl"
-    jsd_beta: float = Field(0.5, ge=0, le=1)
-    alpha: float = Field(0.5, gt=0, lt=1)
-    temperature: float = Field(1.0, gt=0)
-    tail_bucket: bool = True
-    weighting: Literal["uniform", "span_type", "confidence", "scheduled"] = "span_type"
-    span_weights: SpanWeights = SpanWeights()
+    method: Literal["sad"] = Field(description="structured agent distillation on trajectories records")
+    teacher: TeacherSpec = Field(TeacherSpec(), description="where the teacher distribution comes from")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "symmetric_kl", "alpha", "ce"] = Field(
+        "forward_kl",
+        description="divergence between teacher and student; ce: cross-entropy on the trajectory's tokens",
+    )
+    jsd_beta: float = Field(
+        0.5, ge=0, le=1,
+        description="with divergence 'jsd': the mixture weight of the generalised JSD",
+    )
+    alpha: float = Field(
+        0.5, gt=0, lt=1,
+        description="with divergence 'alpha': the alpha of the alpha-divergence",
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature applied to teacher and student")
+    tail_bucket: bool = Field(
+        True,
+        description="give the probability mass outside the teacher's top-k one shared bucket",
+    )
+    weighting: Literal["uniform", "span_type", "confidence", "scheduled"] = Field(
+        "span_type",
+        description="per-token loss weights: uniform, by span type, by teacher confidence, or scheduled",
+    )
+    span_weights: SpanWeights = Field(SpanWeights(), description="loss weight per span type")
     span_weights_end: SpanWeights | None = Field(
         None, description="with weighting='scheduled': weights at the end of the stage"
     )
-    markers: SpanMarkers = SpanMarkers()
-    curriculum: bool = False
+    markers: SpanMarkers = Field(SpanMarkers(), description="how spans are found in text trajectories")
+    curriculum: bool = Field(
+        False,
+        description="train on simple trajectories (fewer steps, then fewer tokens) first",
+    )
 
     @model_validator(mode="after")
     def _schedule_has_end(self) -> SADStage:
@@ -283,35 +388,94 @@ Stage = Annotated[
 ]
 
 
+# ---------------------------------------------------------------- sampling (serving, evals, decoding)
+
+
+class SamplingParams(_Strict):
+    """How to pick tokens and when to stop, with OpenAI's names (``temperature`` 0 is greedy).
+
+    The one sampling type of the service: the inference backends, eval jobs and trainer_core's
+    decoder all take it.
+    """
+
+    max_tokens: int = Field(16, ge=1, le=32768, description="most tokens to generate")
+    temperature: float = Field(1.0, ge=0, le=2, description="softmax temperature; 0 picks the likeliest")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set with this mass")
+    stop: tuple[str, ...] = Field((), max_length=4, description="strings that end the completion (left out)")
+    seed: int | None = Field(None, description="seed of the sampling generator; none draws fresh entropy")
+    n: int = Field(1, ge=1, le=16, description="completions per prompt")
+    logprobs: bool = Field(False, description="report each generated token's log-probability")
+    top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: likeliest alternatives per token")
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """Returns the parameters of sample ``index`` of a request: seed + index when seeded, so the
+        samples differ and the request stays reproducible."""
+        return self if self.seed is None else self.model_copy(update={"seed": self.seed + index})
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text and log-prob, with the likeliest alternatives as ``(token, logprob)``."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 # ---------------------------------------------------------------- run
 
 
 class WandbIntegration(_Strict):
-    project: str = "tuneyard"
-    entity: str | None = None
-    mode: Literal["online", "offline"] = "offline"
+    project: str = Field("tuneyard", description="Weights & Biases project")
+    entity: str | None = Field(
+        None, description="Weights & Biases team or user; default: the account's default entity"
+    )
+    mode: Literal["online", "offline"] = Field(
+        "offline",
+        description="online logs to the server; offline writes local files",
+    )
 
 
 class MlflowIntegration(_Strict):
-    tracking_uri: str | None = None
-    experiment: str = "tuneyard"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server; default: a local SQLite store in the run's folder"
+    )
+    experiment: str = Field("tuneyard", description="MLflow experiment name")
 
 
 class Integrations(_Strict):
-    wandb: WandbIntegration | None = None
-    mlflow: MlflowIntegration | None = None
+    wandb: WandbIntegration | None = Field(None, description="log metrics to Weights & Biases")
+    mlflow: MlflowIntegration | None = Field(None, description="log metrics to MLflow")
 
 
 class RunSpec(_Strict):
-    name: str | None = Field(None, max_length=200)
-    base_model: str = Field(min_length=1)
-    adapter: Adapter = LoraAdapter()
-    seed: int = 0
-    stages: list[Stage] = Field(min_length=1, max_length=16)
-    checkpoint_every_steps: int | None = Field(200, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    export: list[Literal["adapter", "merged"]] = ["adapter"]
-    integrations: Integrations = Integrations()
+    name: str | None = Field(None, max_length=200, description="a name for the run")
+    base_model: str = Field(
+        min_length=1,
+        description="a base model name, or a checkpoint id to continue from",
+    )
+    adapter: Adapter = Field(
+        LoraAdapter(),
+        description="what trains: a LoRA adapter (default) or every weight",
+    )
+    seed: int = Field(0, description="seed of every random choice (initialisation, data order, sampling)")
+    stages: list[Stage] = Field(
+        min_length=1, max_length=16,
+        description="training stages, run in order, each starting from the previous one's weights",
+    )
+    checkpoint_every_steps: int | None = Field(
+        200, ge=1,
+        description="write a resumable checkpoint every N optimizer steps (and at stage ends)",
+    )
+    keep_checkpoints: int = Field(
+        3, ge=1,
+        description="resumable checkpoints kept per stage (the best by eval_loss is kept too)",
+    )
+    export: list[Literal["adapter", "merged"]] = Field(
+        ["adapter"],
+        description="what the finished run exports: the adapter, a merged model, or both",
+    )
+    integrations: Integrations = Field(Integrations(), description="experiment trackers to log metrics to")
 
     @model_validator(mode="after")
     def _full_finetune_rates(self) -> RunSpec:

@@ -7,6 +7,8 @@ reproducible even while other requests run in other threads. ``temperature == 0`
 
 Reported log-probs are those of the model's own distribution, ``log_softmax(logits)`` before
 temperature and top-p, the way OpenAI-compatible servers report them.
+
+One call decodes one sequence: ``SamplingParams.n`` is the caller's loop (with ``for_sample(i)``).
 """
 
 from __future__ import annotations
@@ -19,32 +21,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from trainer_core.config import SamplingParams, TokenLogprob
+
 FinishReason = Literal["stop", "length"]
 # A partially decoded multi-byte character shows up as U+FFFD until its last byte arrives.
 _INCOMPLETE_CHAR = "\ufffd"
-
-
-@dataclass(frozen=True)
-class DecodingParams:
-    """How to pick tokens and when to stop; ``top_logprobs`` alternatives per token when ``logprobs``."""
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token, its log-prob and the ``top`` most likely alternatives as ``(token, logprob)``."""
-
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -84,7 +65,7 @@ def _nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _pick(logits: torch.Tensor, params: DecodingParams, generator: torch.Generator) -> int:
+def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     if params.temperature <= 0:
         return int(logits.argmax())
     probs = _nucleus_filter(logits / params.temperature, params.top_p).softmax(dim=-1)
@@ -99,7 +80,7 @@ def _token_logprob(
     if top > 0:
         values, ids = logps.topk(min(top, logps.shape[-1]))
         alternatives = tuple((tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True))
-    return TokenLogprob(token_id, tokenizer.decode([token_id]), float(logps[token_id]), alternatives)
+    return TokenLogprob(tokenizer.decode([token_id]), float(logps[token_id]), alternatives)
 
 
 def _held_back(text: str, stop: Sequence[str]) -> int:
@@ -124,7 +105,7 @@ def decode(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Sequence[int],
-    params: DecodingParams,
+    params: SamplingParams,
     *,
     eos_token_ids: Sequence[int],
     generator: torch.Generator | None = None,
@@ -134,7 +115,7 @@ def decode(
     """Returns the continuation of ``prompt_ids`` decoded with a KV cache (model in eval mode, no grad).
 
     Ends at an eos token, at the first stop string (excluded from the text), after
-    ``max_new_tokens``, or when ``should_stop()`` turns true (a client went away). ``on_text`` is
+    ``max_tokens``, or when ``should_stop()`` turns true (a client went away). ``on_text`` is
     called with each new piece of text as soon as it can no longer turn into a stop string, with the
     log-probs of the tokens generated since the previous call.
     """
@@ -152,7 +133,7 @@ def decode(
     text = ""
     step_ids = torch.tensor([list(prompt_ids)], device=device)
     cache = None
-    for _ in range(params.max_new_tokens):
+    for _ in range(params.max_tokens):
         if should_stop is not None and should_stop():
             result.finish_reason = "stop"
             break

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from trainer_core.config import SamplingParams
 from trainer_core.rewards import REWARD_FUNCTIONS
 
 LIKELIHOOD_METRICS = ("loss", "perplexity")
@@ -25,6 +26,11 @@ def _needs_parameters(name: str) -> list[str]:
 # Rewards usable as a metric by name alone: those with no required parameter.
 REWARD_METRICS = tuple(name for name in REWARD_FUNCTIONS if not _needs_parameters(name))
 METRICS = (*LIKELIHOOD_METRICS, *PREFERENCE_METRICS, *REWARD_METRICS)
+
+# Scored metrics compare models, so evals generate greedily unless told otherwise; sample i of a
+# sampled eval uses seed + i.
+EVAL_SAMPLING_DEFAULTS: dict[str, object] = {"max_tokens": 128, "temperature": 0.0, "seed": 0}
+EVAL_SAMPLING = SamplingParams.model_validate(EVAL_SAMPLING_DEFAULTS)
 
 
 def metric_formats(metric: str) -> tuple[str, ...]:

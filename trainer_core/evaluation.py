@@ -27,23 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from trainer_core.config import SamplingParams
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.render import RenderedExample, render_preference, render_prompt, render_sft
-from trainer_core.decoding import DecodingParams, decode
-from trainer_core.eval_metrics import LIKELIHOOD_METRICS, PREFERENCE_METRICS, REWARD_METRICS, check_metrics
+from trainer_core.decoding import decode
+from trainer_core.eval_metrics import (
+    EVAL_SAMPLING,
+    LIKELIHOOD_METRICS,
+    PREFERENCE_METRICS,
+    REWARD_METRICS,
+    check_metrics,
+)
 from trainer_core.generation import eval_mode
 from trainer_core.rewards import get_reward
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How completions are generated for scored metrics (greedy by default: comparable across models)."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int = 0
 
 
 @dataclass
@@ -129,7 +125,7 @@ def _scored_generations(
     tokenizer: PreTrainedTokenizerBase,
     records: list[dict[str, Any]],
     rewards: list[str],
-    generation: GenerationSettings,
+    generation: SamplingParams,
     eos_token_ids: Sequence[int],
     num_samples: int,
     on_example: Callable[[], None],
@@ -142,14 +138,8 @@ def _scored_generations(
         if pair is None:
             continue
         prompt, answer = pair
-        params = DecodingParams(
-            max_new_tokens=generation.max_tokens,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            stop=generation.stop,
-            seed=generation.seed + index,
-        )
-        out = decode(model, tokenizer, render_prompt(tokenizer, prompt), params, eos_token_ids=eos_token_ids)
+        out = decode(model, tokenizer, render_prompt(tokenizer, prompt), generation.for_sample(index),
+                     eos_token_ids=eos_token_ids)
         scores = {name: float(get_reward(name)(out.text, answer)) for name in rewards}
         for name, value in scores.items():
             totals[name] += value
@@ -171,7 +161,7 @@ def evaluate(
     fmt: str,
     metrics: Sequence[str],
     *,
-    generation: GenerationSettings = GenerationSettings(),
+    generation: SamplingParams = EVAL_SAMPLING,
     eos_token_ids: Sequence[int] | None = None,
     max_seq_len: int = 2048,
     batch_size: int = 8,

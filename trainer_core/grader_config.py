@@ -66,7 +66,10 @@ class _Strict(BaseModel):
 
 class _GraderBase(_Strict):
     # OpenAI requires a name; here it defaults to the type so a one-grader spec stays short.
-    name: str | None = Field(None, min_length=1, max_length=64)
+    name: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="the grader's name (metrics: rewards/<name>); default: its type",
+    )
 
     @model_validator(mode="after")
     def _default_name(self) -> _GraderBase:
@@ -81,10 +84,13 @@ class _GraderBase(_Strict):
 
 
 class StringCheckGrader(_GraderBase):
-    type: Literal["string_check"]
-    input: Template = "{{sample.output_text}}"
-    reference: Template
-    operation: Literal["eq", "ne", "like", "ilike"] = "eq"
+    type: Literal["string_check"] = Field(description="compares input with reference: 1.0 or 0.0")
+    input: Template = Field("{{sample.output_text}}", description="template of the graded text")
+    reference: Template = Field(description="template of the reference text")
+    operation: Literal["eq", "ne", "like", "ilike"] = Field(
+        "eq",
+        description="eq, ne, like (contains) or ilike (contains, case-insensitive)",
+    )
 
 
 SimilarityMetric = Literal[
@@ -121,11 +127,16 @@ def unavailable_metric_reason(metric: str) -> str | None:
 
 
 class TextSimilarityGrader(_GraderBase):
-    type: Literal["text_similarity"]
-    input: Template = "{{sample.output_text}}"
-    reference: Template
-    evaluation_metric: SimilarityMetric = "fuzzy_match"
-    pass_threshold: float | None = Field(None, ge=0, le=1)
+    type: Literal["text_similarity"] = Field(
+        description="a similarity between input and reference, in [0, 1]",
+    )
+    input: Template = Field("{{sample.output_text}}", description="template of the graded text")
+    reference: Template = Field(description="template of the reference text")
+    evaluation_metric: SimilarityMetric = Field("fuzzy_match", description="the similarity measure")
+    pass_threshold: float | None = Field(
+        None, ge=0, le=1,
+        description="OpenAI's pass mark, accepted for compatibility; the reward is the similarity itself",
+    )
 
     @field_validator("evaluation_metric")
     @classmethod
@@ -151,10 +162,18 @@ def check_python_source(source: str, function: str = "grade", arity: int = 2) ->
 
 
 class PythonGrader(_GraderBase):
-    type: Literal["python"]
-    source: str = Field(min_length=1, max_length=256_000)
+    type: Literal["python"] = Field(
+        description="source defining grade(sample, item) -> float, run in the sandbox",
+    )
+    source: str = Field(
+        min_length=1, max_length=256_000,
+        description="Python source defining grade(sample, item)",
+    )
     # OpenAI's field; the sandbox here is the worker's own Python, so any value means "default".
-    image_tag: str | None = None
+    image_tag: str | None = Field(
+        None,
+        description="accepted for OpenAI compatibility; the worker's sandbox runs every grader",
+    )
     timeout_seconds: float = Field(5.0, gt=0, le=60, description="wall-clock limit per sample")
 
     @field_validator("source")
@@ -164,17 +183,29 @@ class PythonGrader(_GraderBase):
 
 
 class JudgeMessage(_Strict):
-    type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Template
+    type: Literal["message"] = Field("message", description="a chat message")
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="the message's role")
+    content: Template = Field(description="template of the message text")
 
 
 class JudgeSamplingParams(_Strict):
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    max_completions_tokens: int | None = Field(None, ge=1, le=32_768)
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    temperature: float | None = Field(
+        None, ge=0, le=2,
+        description="the judge's sampling temperature; default: the endpoint's",
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1,
+        description="the judge's nucleus mass; default: the endpoint's",
+    )
+    seed: int | None = Field(None, description="the judge's sampling seed")
+    max_completions_tokens: int | None = Field(
+        None, ge=1, le=32_768,
+        description="most tokens of the judge's reply",
+    )
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None,
+        description="passed to reasoning models",
+    )
 
 
 class ScoreModelGrader(_GraderBase):
@@ -185,16 +216,27 @@ class ScoreModelGrader(_GraderBase):
     holds the key (never the key itself: specs are stored and shown).
     """
 
-    type: Literal["score_model"]
-    model: str = Field(min_length=1)
-    input: list[JudgeMessage] = Field(min_length=1)
-    range: tuple[float, float] = (0.0, 1.0)
-    sampling_params: JudgeSamplingParams = JudgeSamplingParams()
-    base_url: str | None = Field(None, pattern=r"^https?://")
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    max_concurrency: int = Field(8, ge=1, le=128)
-    max_retries: int = Field(4, ge=0, le=10)
-    timeout_seconds: float = Field(60.0, gt=0, le=600)
+    type: Literal["score_model"] = Field(
+        description="an LLM judge; its reply's last number, clamped to range, is the score",
+    )
+    model: str = Field(min_length=1, description="the judge model's name at the endpoint")
+    input: list[JudgeMessage] = Field(min_length=1, description="the messages sent to the judge")
+    range: tuple[float, float] = Field((0.0, 1.0), description="the lowest and highest score")
+    sampling_params: JudgeSamplingParams = Field(
+        JudgeSamplingParams(),
+        description="how the judge samples its reply",
+    )
+    base_url: str | None = Field(
+        None, pattern=r"^https?://",
+        description="an OpenAI-compatible API root; default: the worker's judge endpoint",
+    )
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the worker environment variable holding the endpoint's key",
+    )
+    max_concurrency: int = Field(8, ge=1, le=128, description="judge requests in flight at once")
+    max_retries: int = Field(4, ge=0, le=10, description="retries of a failed judge request")
+    timeout_seconds: float = Field(60.0, gt=0, le=600, description="time limit per judge request")
 
     @field_validator("range")
     @classmethod
@@ -207,19 +249,27 @@ class ScoreModelGrader(_GraderBase):
 class CodeOutputGrader(_GraderBase):
     """Runs the record's program in the sandbox; 1.0 when its stdout matches the completion."""
 
-    type: Literal["code_output"]
-    program: Template = "{{item.program}}"
-    input: Template = "{{sample.output_text}}"
-    comparison: Literal["exact", "normalized"] = "normalized"
+    type: Literal["code_output"] = Field(
+        description="runs the record's program in the sandbox: 1.0 when its stdout equals input",
+    )
+    program: Template = Field("{{item.program}}", description="template of the program to run")
+    input: Template = Field(
+        "{{sample.output_text}}",
+        description="template of the text the program's output must equal",
+    )
+    comparison: Literal["exact", "normalized"] = Field(
+        "normalized",
+        description="exact (up to trailing whitespace) or normalized (whitespace runs collapsed)",
+    )
     timeout_seconds: float = Field(5.0, gt=0, le=60, description="wall-clock limit per program")
 
 
 class RewardModelGrader(_GraderBase):
     """Scores prompt + completion with a ``reward_model`` checkpoint (the raw scalar head output)."""
 
-    type: Literal["reward_model"]
+    type: Literal["reward_model"] = Field(description="a reward_model checkpoint scores prompt + completion")
     model: str = Field(min_length=1, description="a checkpoint id of kind reward_model")
-    batch_size: int = Field(16, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1, le=1024, description="completions scored per forward pass")
 
 
 # Graders that score samples themselves (a multi combines these; it does not nest).
@@ -236,9 +286,15 @@ FORMULA_FUNCTIONS: tuple[str, ...] = ("min", "max", "abs", "floor", "ceil", "exp
 class MultiGrader(_GraderBase):
     """Sub-graders by name and a formula over their scores (``0.7 * answer + 0.3 * style``)."""
 
-    type: Literal["multi"]
-    graders: dict[str, SubGrader] = Field(min_length=1, max_length=16)
-    calculate_output: str = Field(min_length=1, max_length=2000)
+    type: Literal["multi"] = Field(description="sub-graders by name and a formula over their scores")
+    graders: dict[str, SubGrader] = Field(
+        min_length=1, max_length=16,
+        description="sub-graders by name (the names the formula uses)",
+    )
+    calculate_output: str = Field(
+        min_length=1, max_length=2000,
+        description="the formula, e.g. 0.7 * answer + 0.3 * style",
+    )
 
     @field_validator("graders")
     @classmethod

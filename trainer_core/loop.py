@@ -3,7 +3,9 @@
 A method (``trainer_core.methods.base.StageMethod``) supplies micro-batches and a summed loss per
 micro-batch; this loop owns the rest: AdamW, gradient accumulation normalised by the step's loss
 units, bf16 autocast on CUDA, clipping, warmup + cosine/linear/constant learning rate, periodic
-evaluation, checkpoints with retention, exact resume and the cooperative stop check.
+evaluation, checkpoints with retention, exact resume and the cooperative stop check. Those cover
+the policy's trainable weights and the method's extra ``trainable_modules`` (PPO's value head)
+alike.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from trainer_core.checkpoint import (
     save_resume_checkpoint,
 )
 from trainer_core.config import StageBase
-from trainer_core.methods.base import LossOutput, StageMethod
+from trainer_core.methods.base import LossOutput, StageMethod, weighted_mean
 from trainer_core.modeling import trainable_parameters
 from trainer_core.reporting import Reporter
 
@@ -102,15 +104,17 @@ def _to_float(value: Any) -> float:
 
 def _step_metrics(outputs: list[LossOutput], units: int) -> dict[str, float]:
     """Returns the method metrics of a step, averaged over micro-batches weighted by loss units."""
-    weights = [max(out.num_units, 0) for out in outputs]
-    total = sum(weights) or 1
-    sums: dict[str, float] = {}
-    for out, weight in zip(outputs, weights, strict=True):
-        for key, value in out.metrics.items():
-            sums[key] = sums.get(key, 0.0) + _to_float(value) * weight
-    metrics = {key: value / total for key, value in sums.items()}
+    metrics = weighted_mean((out.metrics, out.num_units) for out in outputs)
     metrics["loss"] = sum(_to_float(out.loss.detach()) for out in outputs) / max(units, 1)
     return metrics
+
+
+def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Returns the policy's trainable parameters and those of the method's extra modules, by name."""
+    params = trainable_parameters(model)
+    for name, module in modules.items():
+        params |= {f"{name}.{key}": p for key, p in module.named_parameters() if p.requires_grad}
+    return params
 
 
 def _evaluate(model: nn.Module, method: StageMethod, device: torch.device) -> dict[str, float] | None:
@@ -138,12 +142,13 @@ def train_stage(
     """Returns how the stage ended after training ``model`` with ``method`` from step 0 or a checkpoint."""
     remove_incomplete(stage_folder)
     method.setup(model, tokenizer)
-    params = trainable_parameters(model)
+    modules = method.trainable_modules()
+    params = _trained_parameters(model, modules)
     optimizer = _optimizer(params, stage, device)
     total = method.total_steps
     start_step, last_eval = 0, {}
     if resume_from is not None:
-        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer)
+        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer, modules=modules)
         method.load_state_dict(state.method_state)
         start_step, last_eval = state.step, state.trainer_state.get("last_eval", {})
 
@@ -151,7 +156,7 @@ def train_stage(
         info = save_resume_checkpoint(
             stage_folder, stage_index, step, total_steps=total, model=model, optimizer=optimizer,
             method_state=method.state_dict(), trainer_state={"last_eval": last_eval},
-            config=manifest_config, metrics=eval_metrics,
+            config=manifest_config, metrics=eval_metrics, modules=modules,
         )
         reporter.on_checkpoint(info)
         for path in prune_checkpoints(stage_folder, checkpoints.keep):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-CheckpointKind = Literal["resume", "adapter", "merged"]
+CheckpointKind = Literal["resume", "adapter", "merged", "reward_model"]
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,25 @@ class _Strict(BaseModel):
 
 
 class _RewardBase(_Strict):
-    weight: float = 1.0
+    weight: float = Field(1.0, description="weight of this function in the stage's total reward")
 
 
 class ExactMatchReward(_RewardBase):
-    type: Literal["exact_match"]
+    type: Literal["exact_match"] = Field(
+        description="1.0 when the extracted final answer equals the record's answer",
+    )
 
 
 class NumericMatchReward(_RewardBase):
-    type: Literal["numeric_match"]
-    tolerance: float = Field(1e-6, ge=0)
+    type: Literal["numeric_match"] = Field(
+        description="1.0 when the answer's last number is within tolerance of the record's",
+    )
+    tolerance: float = Field(1e-6, ge=0, description="absolute tolerance (relative for large numbers)")
 
 
 class RegexReward(_RewardBase):
-    type: Literal["regex"]
-    pattern: str
+    type: Literal["regex"] = Field(description="1.0 when pattern is found in the completion")
+    pattern: str = Field(description="a Python regular expression (re.search)")
 
     @field_validator("pattern")
     @classmethod
@@ -44,19 +48,24 @@ class RegexReward(_RewardBase):
 
 
 class ContainsReward(_RewardBase):
-    type: Literal["contains"]
-    text: str | None = None
+    type: Literal["contains"] = Field(
+        description="1.0 when text occurs in the completion (case and whitespace insensitive)",
+    )
+    text: str | None = Field(None, description="the text to look for; default: the record's answer")
 
 
 class FormatReward(_RewardBase):
-    type: Literal["format"]
-    pattern: str | None = None
+    type: Literal["format"] = Field(description="1.0 when the whole completion matches pattern")
+    pattern: str | None = Field(
+        None,
+        description="a Python regular expression (re.fullmatch); default: a <think> block, then an answer",
+    )
 
 
 class LengthPenaltyReward(_RewardBase):
-    type: Literal["length_penalty"]
-    max_length: int = Field(512, ge=1)
-    penalty_per_char: float = Field(0.001, ge=0)
+    type: Literal["length_penalty"] = Field(description="a penalty per character beyond max_length")
+    max_length: int = Field(512, ge=1, description="characters allowed without penalty")
+    penalty_per_char: float = Field(0.001, ge=0, description="penalty per character beyond max_length")
 
 
 RewardFunction = Annotated[
@@ -73,8 +82,11 @@ RewardFunction = Annotated[
 class CombinedReward(_Strict):
     """A weighted sum of reward functions."""
 
-    type: Literal["combined"]
-    functions: list[RewardFunction] = Field(min_length=1)
+    type: Literal["combined"] = Field(description="a weighted sum of reward functions")
+    functions: list[RewardFunction] = Field(
+        min_length=1,
+        description="the reward functions, each with its weight",
+    )
 
 
 REWARD_SPEC_CLASSES = (

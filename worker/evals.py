@@ -88,7 +88,7 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
     # Imported here: torch and the model code load only in the worker that evaluates.
     from app.inference.loading import load_local_model
     from trainer_core.data import load_records
-    from trainer_core.evaluation import GenerationSettings, evaluate
+    from trainer_core.evaluation import evaluate
     from trainer_core.modeling import choose_device
 
     with sessions() as session:
@@ -102,9 +102,6 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
             dataset = usable_dataset(session, team, request.dataset_id, param="dataset_id")
             fmt = dataset.format or ""
             records = load_records(store.path_for(dataset.blob_key), fmt)[: request.max_examples]  # type: ignore[arg-type]
-            generation = GenerationSettings(
-                **request.generation.model_dump() | {"stop": tuple(request.generation.stop)}
-            )
             device = choose_device("auto")
             results: list[ModelResult] = []
             last_report = 0.0
@@ -119,8 +116,9 @@ def execute_eval(sessions: sessionmaker[Session], settings: Settings, store: Loc
                         save(session, eval_id, attempt, progress=done)
 
                 outcome = evaluate(
-                    local.model, local.tokenizer, records, fmt, request.metrics, generation=generation,
-                    eos_token_ids=local.eos_token_ids, num_samples=request.num_samples, on_progress=report,
+                    local.model, local.tokenizer, records, fmt, request.metrics,
+                    generation=request.generation, eos_token_ids=local.eos_token_ids,
+                    num_samples=request.num_samples, on_progress=report,
                 )
                 del local
                 results.append(ModelResult(model=current, metrics=outcome.metrics,

@@ -34,11 +34,13 @@ from app.inference.resolution import find_model
 from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_attempt, requeue_attempt
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
+from app.services.models import reward_model_checkpoint
 from app.settings import Settings, get_settings
 from app.storage import LocalBlobStore
 from trainer_core.config import RunSpec
 from trainer_core.errors import GraderFailure, TrainingDataError
-from trainer_core.graders.scoring import GraderRuntime
+from trainer_core.grader_config import RewardModelGrader
+from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer
 from trainer_core.model_folders import ModelFolders
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
@@ -108,7 +110,8 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 spec, base_model_path=inputs.base_model.weights, dataset_paths=inputs.dataset_paths,
                 dataset_formats=inputs.dataset_formats, work_dir=work_dir, reporter=mirrored,
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
-                start_adapter=inputs.base_model.adapter, graders=grader_runtime(settings),
+                start_adapter=inputs.base_model.adapter,
+                graders=grader_runtime(settings, sessions, store, team_id),
             )
         reporter.flush()
         return _end(sessions, claimed, lease, result.status)
@@ -230,11 +233,26 @@ def _model(session: Session, settings: Settings, store: LocalBlobStore, team_id:
     return ModelFolders(resolved.weights_path, resolved.start_adapter)
 
 
-def grader_runtime(settings: Settings) -> GraderRuntime:
-    """Returns what graders need on this worker: the sandbox, the default judge and the environment."""
+def grader_runtime(settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
+                   team_id: str) -> GraderRuntime:
+    """Returns what graders need on this worker: the sandbox, the default judge, the environment and
+    the team's reward models."""
+
+    def reward_model(spec: RewardModelGrader) -> RewardModelScorer:
+        from trainer_core.reward_models import load_reward_model_scorer  # torch: only when used
+
+        with sessions() as session:
+            team = session.get(Team, team_id)
+            checkpoint = reward_model_checkpoint(session, team, spec.model) if team is not None else None
+            if checkpoint is None:
+                raise TrainingDataError(f"reward_model grader: {spec.model!r} is not a finished reward_model "
+                                        "checkpoint of the team")
+            folder = store.path_for(checkpoint.blob_prefix)
+        return load_reward_model_scorer(folder, spec.batch_size)
+
     return GraderRuntime(
         secrets=dict(os.environ), judge_base_url=settings.default_judge_url,
-        judge_api_key=settings.judge_api_key,
+        judge_api_key=settings.judge_api_key, reward_model=reward_model,
     )
 
 

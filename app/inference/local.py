@@ -24,32 +24,12 @@ from app.inference.types import (
     LoadedModel,
     Prompt,
     ResolvedModel,
-    SamplingParams,
-    TokenLogprob,
 )
 from trainer_core import decoding
+from trainer_core.config import SamplingParams, TokenLogprob
 
 Loader = Callable[[ResolvedModel, torch.device], LocalModel]
 _DONE = object()
-
-
-def _decoding_params(params: SamplingParams, choice: int) -> decoding.DecodingParams:
-    # Choice i of a seeded request uses seed + i: n samples differ yet the request stays reproducible.
-    return decoding.DecodingParams(
-        max_new_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        stop=params.stop,
-        seed=None if params.seed is None else params.seed + choice,
-        logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs,
-    )
-
-
-def _logprobs(entries: list[decoding.TokenLogprob] | None) -> list[TokenLogprob] | None:
-    if entries is None:
-        return None
-    return [TokenLogprob(token=e.token, logprob=e.logprob, top=e.top) for e in entries]
 
 
 class LocalBackend:
@@ -96,20 +76,21 @@ class LocalBackend:
                 on_text = None
                 if on_delta is not None:
 
-                    def on_text(text: str, lps: list[decoding.TokenLogprob], index: int = index) -> None:
-                        on_delta(Delta(index=index, text=text, logprobs=_logprobs(lps) if lps else None))
+                    def on_text(text: str, lps: list[TokenLogprob], index: int = index) -> None:
+                        on_delta(Delta(index=index, text=text, logprobs=lps or None))
 
                 out = decoding.decode(
                     local.model,
                     local.tokenizer,
                     prompt_ids,
-                    _decoding_params(params, index),
+                    # Choice i of a seeded request uses seed + i: the n samples differ, reproducibly.
+                    params.for_sample(index),
                     eos_token_ids=local.eos_token_ids,
                     on_text=on_text,
                     should_stop=should_stop,
                 )
                 completion_tokens += len(out.token_ids)
-                choices.append(Choice(index, out.text, out.finish_reason, _logprobs(out.logprobs)))
+                choices.append(Choice(index, out.text, out.finish_reason, out.logprobs))
                 if on_delta is not None:
                     on_delta(Delta(index=index, text="", finish_reason=out.finish_reason))
         return Generation(model.id, choices, len(prompt_ids), completion_tokens)

@@ -15,8 +15,6 @@ from app.inference.types import (
     Generation,
     InferenceBackend,
     ResolvedModel,
-    SamplingParams,
-    TokenLogprob,
 )
 from app.schemas.inference import (
     AssistantMessage,
@@ -36,6 +34,7 @@ from app.schemas.inference import (
     Usage,
     dump_chunk,
 )
+from trainer_core.config import SamplingParams, TokenLogprob
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

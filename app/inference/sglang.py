@@ -28,9 +28,8 @@ from app.inference.types import (
     LoadedModel,
     Prompt,
     ResolvedModel,
-    SamplingParams,
-    TokenLogprob,
 )
+from trainer_core.config import SamplingParams, TokenLogprob
 
 
 def request_body(served: str, adapter: str | None, prompt: Prompt, params: SamplingParams) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""What every inference backend takes and gives back, free of torch so the API imports it cheaply."""
+"""What every inference backend takes and gives back, free of torch so the API imports it cheaply.
+
+Sampling parameters and token log-probs are trainer_core's (``trainer_core.config``), shared with
+evals and the decoder.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from trainer_core.config import SamplingParams, TokenLogprob
 
 ModelKind = Literal["base", "adapter", "merged"]
 FinishReason = Literal["stop", "length"]
@@ -36,29 +42,6 @@ class ResolvedModel:
     def start_adapter(self) -> Path | None:
         """Returns the adapter folder training continues from (adapter checkpoints), else None."""
         return self.checkpoint_path if self.kind == "adapter" else None
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sampling parameters of one request, as OpenAI names them (``temperature == 0`` is greedy)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's text and log-prob, with the most likely alternatives ``(token, logprob)``."""
-
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

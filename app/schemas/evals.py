@@ -5,21 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainer_core.config import SamplingParams
+from trainer_core.eval_metrics import EVAL_SAMPLING, EVAL_SAMPLING_DEFAULTS
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
-
-
-class EvalGeneration(BaseModel):
-    """Generation parameters for metrics scored on completions (greedy by default)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int = 0
 
 
 class EvalCreate(BaseModel):
@@ -28,10 +19,26 @@ class EvalCreate(BaseModel):
     models: list[str] = Field(min_length=1, max_length=8, description="base model names or checkpoint ids")
     dataset_id: str = Field(min_length=1)
     metrics: list[str] = Field(min_length=1, max_length=16)
-    generation: EvalGeneration = Field(default_factory=EvalGeneration)
+    generation: SamplingParams = Field(
+        EVAL_SAMPLING,
+        description="generation for metrics scored on completions; fields left out take the eval defaults "
+        "max_tokens 128, temperature 0 (greedy), seed 0 (sample i uses seed + i); n must be 1",
+    )
     max_examples: int | None = Field(None, ge=1, le=100_000, description="evaluate the first N records only")
     num_samples: int = Field(5, ge=0, le=100, description="generations kept per model for inspection")
     name: str | None = Field(None, max_length=200)
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _eval_defaults(cls, value: Any) -> Any:
+        return {**EVAL_SAMPLING_DEFAULTS, **value} if isinstance(value, dict) else value
+
+    @field_validator("generation")
+    @classmethod
+    def _one_completion(cls, value: SamplingParams) -> SamplingParams:
+        if value.n != 1:
+            raise ValueError("generation.n must be 1: an eval scores one completion per prompt")
+        return value
 
 
 class ModelResult(BaseModel):
@@ -64,7 +71,7 @@ class EvalOut(BaseModel):
     models: list[str]
     dataset_id: str
     metrics: list[str]
-    generation: EvalGeneration
+    generation: SamplingParams
     max_examples: int | None
     progress: float
     results: EvalResults | None

@@ -141,6 +141,18 @@ def finished_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Che
     )
 
 
+def reward_model_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint | None:
+    """Returns the team's ``reward_model`` checkpoint with that id (for reward_model graders), if any."""
+    return session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.id == checkpoint_id,
+            Checkpoint.team_id == team.id,
+            Checkpoint.kind == "reward_model",
+            Checkpoint.deleted_at.is_(None),
+        )
+    )
+
+
 def finished_checkpoints(session: Session, team: Team) -> list[ModelOut]:
     """Returns the team's exported (adapter or merged) checkpoints, oldest first."""
     rows = session.scalars(

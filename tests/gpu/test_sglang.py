@@ -22,9 +22,10 @@ import torch
 
 from app.inference.local import LocalBackend
 from app.inference.sglang import SGLangBackend
-from app.inference.types import ResolvedModel, SamplingParams
+from app.inference.types import ResolvedModel
 from tests.e2e.service import free_port
 from tests.inference_support import finetuned_exports, greeting_records
+from trainer_core.config import SamplingParams
 
 SGLANG_PYTHON = os.environ.get("TUNEYARD_SGLANG_PYTHON", shutil.which("python3") or "python3")
 START_TIMEOUT_S = 600

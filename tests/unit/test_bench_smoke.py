@@ -21,6 +21,7 @@ FINAL_LINE = {
     "api_load.py": "target run: status",
     "metrics_ingest.py": "replay of the last 10% of steps",
     "upload.py": "target RSS growth",
+    "graders.py": "sandboxed python grader:",
 }
 
 

@@ -134,6 +134,12 @@ def _render_answer(
     return RenderedExample(full.input_ids, mask)
 
 
+def render_response(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], text: str) -> RenderedExample:
+    """Returns a record's prompt followed by ``text`` as its answer, rendered as preference answers are."""
+    answer: Any = text if record.get("messages") is None else [{"role": "assistant", "content": text}]
+    return _render_answer(tokenizer, record, render_prompt(tokenizer, record), answer)
+
+
 def render_preference(
     tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], max_seq_len: int, truncation: Truncation
 ) -> tuple[RenderedExample, RenderedExample] | None:

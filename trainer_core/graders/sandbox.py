@@ -25,6 +25,7 @@ import selectors
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ _ENV = {
     # Numeric libraries must not start thread pools sized for the host.
     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
 }
+# Installed packages (numpy, ...) stay importable for graders: the environment's package folders.
+_PACKAGE_PATHS = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
 _STARTUP_SECONDS = 20.0  # process start and the first answer (a loaded machine can be slow)
 _GRACE_SECONDS = 2.0  # past a task's own limit before the process is killed
 
@@ -74,12 +77,14 @@ def _bubblewrap_command() -> list[str]:
         "bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
         "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *mounts,
         "--dev", "/dev", "--proc", "/proc", "--size", str(64 << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
-        sys.executable, "-I", "-c", _RUNNER,
+        *_python_command(),
     ]
 
 
-def _plain_command() -> list[str]:
-    return [sys.executable, "-I", "-c", _RUNNER]
+def _python_command() -> list[str]:
+    # -S: no site module. Processing the environment's .pth files costs more than a whole batch of
+    # grading on a small machine; the runner adds the package folders to sys.path itself instead.
+    return [sys.executable, "-I", "-S", "-c", _RUNNER]
 
 
 class Sandbox:
@@ -116,7 +121,7 @@ class Sandbox:
     def _command(self) -> list[str]:
         if self.mode == "unavailable":
             raise SandboxUnavailable(self.describe())
-        return _bubblewrap_command() if self.mode == "bubblewrap" else _plain_command()
+        return _bubblewrap_command() if self.mode == "bubblewrap" else _python_command()
 
     def _batch(
         self, mode: str, source: str, tasks: list[dict[str, Any]], timeout: float
@@ -135,6 +140,7 @@ class Sandbox:
             "memory_bytes": self.limits.memory_bytes,
             "cpu_seconds": int(self.limits.cpu_seconds_per_task * len(tasks)) + 5,
             "unshare_network": self.mode == "rlimits",
+            "paths": _PACKAGE_PATHS,
         }
         payload = json.dumps(request).encode()
         answers: list[dict[str, Any] | GradingError] = []

@@ -1,11 +1,11 @@
 """The program that runs INSIDE the grader sandbox: one process scores a whole batch.
 
 Standard library only, and never imported by Tuneyard: ``sandbox.py`` passes this file's text to
-``python -I -c`` inside bubblewrap (or under rlimits in a fresh network namespace), so the sandbox
+``python -I -S -c`` inside bubblewrap (or under rlimits in a fresh network namespace), so the sandbox
 needs no view of the code tree. Protocol: one JSON request on stdin::
 
     {"mode": "grade" | "run", "source": str, "tasks": [...], "timeout": s, "memory_bytes": n,
-     "cpu_seconds": n, "unshare_network": bool}
+     "cpu_seconds": n, "unshare_network": bool, "paths": [package folders for sys.path]}
 
 ``grade`` tasks are ``{"sample", "item"}`` for ``grade(sample, item)`` of ``source``; ``run`` tasks
 are ``{"program"}`` whose stdout is captured. Answers, one JSON line each on the original stdout:
@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import platform
 import resource
 import signal
 import struct
@@ -44,7 +43,7 @@ class _Timeout(BaseException):
 
 def _no_process_filter():
     """Returns the classic-BPF seccomp program that refuses fork/vfork/clone-without-CLONE_THREAD."""
-    arch, numbers = _ARCHES[platform.machine()]
+    arch, numbers = _ARCHES[os.uname().machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, eperm, enosys, kill = 0x7FFF0000, 0x00050001, 0x00050026, 0x80000000
     # Header: a system call of another architecture is killed; then load the syscall number.
@@ -151,6 +150,7 @@ def _describe(exc):
 
 def main():
     request = json.loads(sys.stdin.buffer.read())
+    sys.path += request["paths"]
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     # Anything the graded code prints must not reach the protocol stream.
     os.dup2(2, 1)

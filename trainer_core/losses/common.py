@@ -11,12 +11,11 @@ force a device sync; call ``float()`` on them when reporting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-IGNORE_INDEX = -100
+from trainer_core.data import IGNORE_INDEX
 
 Metrics = dict[str, float | torch.Tensor]
 # "mean": the loss averaged over its units (tokens, pairs, sequences). "sum": summed over them, for a
@@ -48,19 +47,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
-@dataclass(frozen=True)
-class SequenceLogps:
-    """Per-sequence and per-token log-probabilities of the labels under some logits.
-
-    ``sum``: [B] sum of token log-probs over the mask; ``tokens``: [B, T] token log-probs, 0 where
-    masked out; ``mask``: [B, T] bool, true where a label counts.
-    """
-
-    sum: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-
 def token_logps(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,18 +61,6 @@ def token_logps(
     picked = logits32.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     logps = picked - torch.logsumexp(logits32, dim=-1)
     return torch.where(mask, logps, torch.zeros_like(logps)), mask
-
-
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> SequenceLogps:
-    """Return the per-sequence sum and per-token log-probs of ``labels`` [B, T] under ``logits`` [B, T, V].
-
-    Labels are already aligned to logits (see the module docstring). DPO uses ``.sum``; GRPO and PPO
-    use ``.tokens`` with ``.mask``.
-    """
-    logps, mask = token_logps(logits, labels, ignore_index)
-    return SequenceLogps(sum=logps.sum(dim=-1), tokens=logps, mask=mask)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

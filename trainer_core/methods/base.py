@@ -5,7 +5,14 @@ A method supplies batches and a loss step; `trainer_core.loop.train_stage` does 
 Methods never subclass the loop.
 
 Each method module exposes ``build(ctx: StageContext) -> StageMethod`` and is registered by name in
-``trainer_core.methods`` (imported lazily).
+``trainer_core.methods`` (imported lazily). ``MethodDefaults`` gives the optional hooks their
+do-nothing forms; ``stage_steps`` is how every method counts its optimizer steps, and
+``weighted_mean`` how every step and eval metric is averaged.
+
+Extra trainable modules: a method may own modules besides the policy (PPO's value head), created
+in ``setup`` and returned by ``trainable_modules``. The loop's optimizer, learning-rate schedule,
+gradient normalisation and clipping cover their parameters like the policy's, and resume
+checkpoints store their weights, so a method never steps an optimizer itself.
 
 Step numbering: optimizer steps are numbered 1..``total_steps``. ``micro_batches(model, step)`` gives
 the micro-batches of step ``step``; after that step the loop reports metrics and may checkpoint
@@ -28,7 +35,7 @@ position — and keep anything else it accumulates (rollout buffers, curriculum 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from trainer_core.config import Adapter, Stage
+    from trainer_core.config import Adapter, Stage, StageBase
     from trainer_core.graders.scoring import GraderRuntime
     from trainer_core.model_folders import ModelFolders
     from trainer_core.modeling import ReferencePolicy
@@ -103,6 +110,9 @@ class StageMethod(Protocol):
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         """Runs once at stage start AND after a resume (e.g. cache reference log-probs)."""
 
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Returns modules besides the policy that train with it (after ``setup``); {} for most methods."""
+
     def micro_batches(self, model: nn.Module, step: int) -> Sequence[Any]:
         """Returns the micro-batches of optimizer step ``step`` (1-based), deterministic as above.
 
@@ -131,6 +141,55 @@ class StageMethod(Protocol):
         """Restores what ``state_dict`` returned (called after ``setup`` on resume)."""
 
 
+class MethodDefaults:
+    """The do-nothing forms of the optional ``StageMethod`` hooks, for methods to inherit.
+
+    No setup, no extra trainable modules, no state of their own: the data order is a function of
+    (seed, stage, step).
+    """
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Nothing to prepare."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+def stage_steps(stage: StageBase, steps_per_epoch: float, *, repeats: int = 1) -> int:
+    """Returns the optimizer steps of a stage: ``max_steps``, else ``epochs`` passes over its data.
+
+    ``steps_per_epoch``: optimizer steps one pass over the data takes (may be fractional, as with
+    micro-batches not divisible by the accumulation). ``repeats``: optimizer steps per step's
+    worth of data (PPO trains ``ppo_epochs`` steps on each rollout), so a stage ends on a whole
+    rollout.
+    """
+    if stage.max_steps is not None:
+        return stage.max_steps
+    return max(1, math.ceil((stage.epochs or 1.0) * steps_per_epoch)) * repeats
+
+
+def weighted_mean(parts: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str, float]:
+    """Returns each metric's mean over ``(metrics, weight)`` parts, weighted (e.g. by loss units or rows).
+
+    Values may be python numbers or 0-dim tensors. A metric missing from some parts counts as 0
+    there: the divisor is the total weight of all parts (negative weights count as 0).
+    """
+    sums: dict[str, float] = {}
+    total = 0.0
+    for metrics, weight in parts:
+        weight = max(float(weight), 0.0)
+        total += weight
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * weight
+    return {key: value / (total or 1.0) for key, value in sums.items()}
+
+
 class EpochStream:
     """Micro-batches (lists of example indices) of an endless run of epochs, for map-style data.
 
@@ -150,12 +209,6 @@ class EpochStream:
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         return self._plan(np.random.default_rng([self._seed, self._stage_index, epoch]))
-
-    def total_steps(self, epochs: float | None, max_steps: int | None, accumulation: int) -> int:
-        """Returns the optimizer steps of a stage: ``max_steps``, else ``epochs`` worth of micro-batches."""
-        if max_steps is not None:
-            return max_steps
-        return max(1, math.ceil((epochs or 1.0) * self.per_epoch / accumulation))
 
     def micro_batches(self, step: int, accumulation: int) -> list[list[int]]:
         """Returns the ``accumulation`` micro-batches of optimizer step ``step`` (1-based)."""

@@ -15,8 +15,17 @@ from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_padded
 from trainer_core.data.render import RenderedExample, render_preference
 from trainer_core.errors import TrainingDataError
+from trainer_core.losses.common import token_logps
 from trainer_core.losses.dpo import dpo_loss
-from trainer_core.methods.base import EpochStream, LossOutput, StageContext, shuffled_chunks
+from trainer_core.methods.base import (
+    EpochStream,
+    LossOutput,
+    MethodDefaults,
+    StageContext,
+    shuffled_chunks,
+    stage_steps,
+    weighted_mean,
+)
 from trainer_core.modeling import label_logits
 
 # Pairs per reference forward in setup: bounded memory, independent of the training batch size.
@@ -51,14 +60,13 @@ def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: st
 
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Returns [B] summed completion-token log-probs of each row (LM head on completion tokens only)."""
-    logits = label_logits(model, inputs, labels).float()
     keep = labels != IGNORE_INDEX
-    picked = logits.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    picked, _ = token_logps(label_logits(model, inputs, labels), labels[keep])
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
-    return torch.zeros(labels.shape[0], device=logits.device, dtype=logits.dtype).index_add(0, rows, picked)
+    return torch.zeros(labels.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
 
 
-class DPOMethod:
+class DPOMethod(MethodDefaults):
     """Sigmoid / IPO / cDPO preference optimisation; a micro-batch is ``batch_size`` pairs."""
 
     def __init__(self, ctx: StageContext) -> None:
@@ -68,7 +76,7 @@ class DPOMethod:
         self.eval_pairs = render_pairs(ctx, ctx.eval_records, "eval")
         self.stream = EpochStream(shuffled_chunks(len(self.train_pairs), stage.batch_size), ctx.seed,
                                   ctx.stage_index)
-        self.total_steps = self.stream.total_steps(stage.epochs, stage.max_steps, stage.gradient_accumulation)
+        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
         self._ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _collate(self, pairs: Sequence[Pair]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -128,21 +136,13 @@ class DPOMethod:
         if not self.eval_pairs:
             return None
         size = self.stage.batch_size
-        total, sums = 0.0, {}
+        parts = []
         for start in range(0, len(self.eval_pairs), size):
             indices = range(start, min(start + size, len(self.eval_pairs)))
             loss, metrics = self._loss(model, self._batch("eval", indices))
-            total += float(loss)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
-        count = len(self.eval_pairs)
-        return {"eval_loss": total / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: the data order is a function of (seed, stage, step)."""
+            per_pair = {"eval_loss": loss / len(indices), **{f"eval_{k}": v for k, v in metrics.items()}}
+            parts.append((per_pair, len(indices)))
+        return weighted_mean(parts)
 
 
 def build(ctx: StageContext) -> DPOMethod:

@@ -8,17 +8,16 @@ the frozen reference, and computes rewards, GAE advantages/returns and whitening
 (REFERENCE "PPO"). The rollout buffer is part of ``state_dict``, so a resume in the middle of a
 rollout's epochs continues on exactly the same data.
 
-Value head: a linear layer on the policy's last hidden state, trained on the value loss by its own
-AdamW at the stage's learning-rate schedule, and stored in ``state_dict`` with its optimizer.
-It reads the hidden state detached (a critic on the policy's features that does not reshape them,
-as with a separate value model) because the loop's optimizer only holds the policy's weights: the
-head is stepped in ``loss`` once the step's last micro-batch has been seen, with the gradient
-normalised by the step's tokens and clipped like the policy's.
+Value head: a linear layer on the policy's last hidden state, declared to the loop as an extra
+trainable module, so the loop's optimizer, learning-rate schedule, gradient normalisation (by the
+step's tokens) and clipping train it together with the policy, and resume checkpoints hold it.
+It reads the hidden state detached: a critic on the policy's features that does not reshape
+them, as with a separate value model, so the value loss's gradient reaches the head only and the
+policy's only the clipped policy-gradient term.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,18 +33,17 @@ from trainer_core.generation import (
     eval_mode,
     seeded_generator,
 )
-from trainer_core.loop import learning_rate_at
 from trainer_core.losses.common import policy_entropy
 from trainer_core.losses.ppo import gae, ppo_loss, ppo_per_token_rewards, whiten
-from trainer_core.methods.base import LossOutput, StageContext
-from trainer_core.methods.grpo import PromptRollouts, stage_length
+from trainer_core.methods.base import LossOutput, MethodDefaults, StageContext, stage_steps, weighted_mean
+from trainer_core.rollouts import PromptRollouts
 
 _COMPLETION_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 # Key separating the minibatch shuffles from the sampling streams of the same step.
 _SHUFFLE_STREAM = 1
 
 
-class PPOMethod:
+class PPOMethod(MethodDefaults):
     """The PPO stage method (see the module docstring)."""
 
     def __init__(self, ctx: StageContext) -> None:
@@ -54,13 +52,12 @@ class PPOMethod:
         self._ctx = ctx
         self._stage = stage
         self.rollouts = PromptRollouts(ctx, stage, stage.batch_size * stage.gradient_accumulation)
-        # An epoch over the prompts takes ppo_epochs optimizer steps per rollout.
-        rollouts = stage_length(stage, self.rollouts.schedule.steps_per_epoch())
-        self.total_steps = stage.max_steps or rollouts * stage.ppo_epochs
+        # Each rollout (one step's worth of prompts) trains ppo_epochs optimizer steps.
+        self.total_steps = stage_steps(
+            stage, self.rollouts.schedule.steps_per_epoch(), repeats=stage.ppo_epochs
+        )
         self.value_head: nn.Linear | None = None
-        self._value_optimizer: torch.optim.Optimizer | None = None
         self._buffer: dict[str, Any] = {}
-        self._pending = 0
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         """Reads stop tokens and creates the value head (zero-initialised: V = 0 until it learns)."""
@@ -69,7 +66,11 @@ class PPOMethod:
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         self.value_head = head
-        self._value_optimizer = torch.optim.AdamW(head.parameters(), lr=self._stage.learning_rate)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Returns the value head, trained by the loop alongside the policy."""
+        assert self.value_head is not None, "setup() creates the value head"
+        return {"value_head": self.value_head}
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.value_head is not None, "setup() creates the value head"
@@ -83,14 +84,13 @@ class PPOMethod:
         generator = seeded_generator(ctx.seed, ctx.stage_index, rollout + 1, device=ctx.device)
         parts: list[Completions] = []
         scores: list[torch.Tensor] = []
-        metric_sums: dict[str, float] = {}
+        sampled_metrics: list[tuple[dict[str, float], float]] = []
         for start in range(0, len(indices), stage.batch_size):
             chunk = indices[start : start + stage.batch_size]
             sampled = self.rollouts.sample_step(model, chunk, 1, generator)
             parts.append(sampled.completions)
             scores.append(sampled.rewards)
-            for name, value in sampled.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + value * len(sampled.rewards)
+            sampled_metrics.append((sampled.metrics, len(sampled.rewards)))
         batch = concat_completions(parts, ctx.tokenizer.pad_token_id)
         score = torch.cat(scores).to(ctx.device)
         tensors = [getattr(batch, name) for name in _COMPLETION_FIELDS]
@@ -105,7 +105,7 @@ class PPOMethod:
         advantages, returns = gae(rewards, values, mask, stage.gamma, stage.lam)
         if stage.whiten_advantages:
             advantages = whiten(advantages, mask)
-        metrics = {name: value / len(score) for name, value in metric_sums.items()}
+        metrics = weighted_mean(sampled_metrics)
         metrics |= {name: float(value) for name, value in reward_metrics.items()}
         metrics |= self.rollouts.observe(score.cpu(), 1)
         self._buffer = {
@@ -127,12 +127,10 @@ class PPOMethod:
         rows = self._buffer["old_logps"].shape[0]
         shuffle = seeded_generator(ctx.seed, ctx.stage_index, step, _SHUFFLE_STREAM)
         order = torch.randperm(rows, generator=shuffle)
-        batches = list(order.split(stage.batch_size))
-        self._pending = len(batches)
-        return batches
+        return list(order.split(stage.batch_size))
 
     def loss(self, model: nn.Module, batch: torch.Tensor, step: int) -> LossOutput:
-        """Returns the micro-batch's token-summed PPO loss; also trains the value head (see module doc)."""
+        """Returns the micro-batch's token-summed PPO loss, policy plus value term (unit: one token)."""
         stage, buf = self._stage, self._buffer
         rows = batch.to(self._ctx.device)
         prompt_ids, prompt_mask, completion_ids, mask = (buf[name][rows] for name in _COMPLETION_FIELDS)
@@ -140,57 +138,27 @@ class PPOMethod:
             model, prompt_ids, prompt_mask, completion_ids, mask, stage.temperature, with_hidden=True
         )
         assert forward.hidden is not None
-        values = self._values(forward.hidden)
-        old = (buf["old_logps"][rows], buf["old_values"][rows], buf["advantages"][rows], buf["returns"][rows])
-        clip = {
-            "cliprange": stage.cliprange, "cliprange_value": stage.cliprange_value, "vf_coef": stage.vf_coef
-        }
-        # The policy's gradient comes from this call (values detached) ...
-        loss, metrics = ppo_loss(forward.logps, old[0], values.detach(), old[1], old[2], old[3], mask, **clip)
-        # ... and the value head's from this one (log-probs detached; only vf_coef * vf has a gradient).
-        value_loss, _ = ppo_loss(forward.logps.detach(), old[0], values, old[1], old[2], old[3], mask, **clip)
-        tokens = int(mask.sum())
-        (value_loss * tokens).backward()
-        self._pending -= 1
-        if self._pending == 0:
-            self._step_value_head(step)
+        loss, metrics = ppo_loss(
+            forward.logps, buf["old_logps"][rows], self._values(forward.hidden), buf["old_values"][rows],
+            buf["advantages"][rows], buf["returns"][rows], mask,
+            cliprange=stage.cliprange, cliprange_value=stage.cliprange_value, vf_coef=stage.vf_coef,
+        )
         metrics["policy/entropy"] = policy_entropy(forward.logits, mask)
+        tokens = int(mask.sum())
         num_tokens = int(prompt_mask.sum()) + tokens
+        # One step is one epoch over the whole buffer, so the loop's divisor (the step's units) is
+        # all the rollout's completion tokens, for the policy and the value head alike.
         return LossOutput(loss * tokens, tokens, num_tokens, {**buf["metrics"], **metrics})
-
-    def _step_value_head(self, step: int) -> None:
-        assert self.value_head is not None and self._value_optimizer is not None
-        stage = self._stage
-        # One step is one epoch over the whole buffer: its tokens are all the rollout's tokens.
-        step_tokens = int(self._buffer["completion_mask"].sum())
-        params = list(self.value_head.parameters())
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(max(step_tokens, 1))
-        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm or math.inf)
-        for group in self._value_optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, stage, self.total_steps)
-        self._value_optimizer.step()
-        self._value_optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         return self.rollouts.evaluate(model, self._stage.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """Returns the curriculum, the value head and its optimizer, and the current rollout buffer."""
-        assert self.value_head is not None and self._value_optimizer is not None
-        return {
-            "schedule": self.rollouts.schedule.state_dict(),
-            "value_head": self.value_head.state_dict(),
-            "value_optimizer": self._value_optimizer.state_dict(),
-            "buffer": self._buffer,
-        }
+        """Returns the curriculum and the current rollout buffer (the loop stores the value head)."""
+        return {"schedule": self.rollouts.schedule.state_dict(), "buffer": self._buffer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.value_head is not None and self._value_optimizer is not None
         self.rollouts.schedule.load_state_dict(state["schedule"])
-        self.value_head.load_state_dict(state["value_head"])
-        self._value_optimizer.load_state_dict(state["value_optimizer"])
         self._buffer = dict(state["buffer"])
 
 

@@ -6,29 +6,37 @@ trained on reasoning and action tokens only, towards the teacher distribution fr
 teacher distribution (none stored, or ``divergence: ce``) get span-weighted cross-entropy on the
 trajectory's own tokens. The two parts are averaged by their token counts.
 
-Data order: each epoch is a permutation seeded by (seed, stage, epoch), or, with ``curriculum``,
-the fixed simple-to-complex order (fewer reasoning/action steps, then fewer tokens) in every epoch.
-A loss unit is one trajectory: each micro-batch's loss is its batch mean times its size.
+Data order: the epoch stream SFT and DPO use, micro-batches of ``batch_size`` trajectories from a
+permutation seeded by (seed, stage, epoch), or, with ``curriculum``, from the fixed simple-to-complex
+order (fewer reasoning/action steps, then fewer tokens) in every epoch. A loss unit is one
+trajectory: each micro-batch's loss is its batch mean times its size.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from trainer_core.config import SADStage
-from trainer_core.curriculum import PromptSchedule, complexity_order
+from trainer_core.curriculum import complexity_order
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.errors import TrainingDataError
 from trainer_core.losses.sad import sad_loss
-from trainer_core.methods.base import LossOutput, StageContext
+from trainer_core.methods.base import (
+    EpochStream,
+    LossOutput,
+    MethodDefaults,
+    StageContext,
+    shuffled_chunks,
+    stage_steps,
+    weighted_mean,
+)
 from trainer_core.spans import ACTION, REASONING, TokenizedTrajectory, trajectory_token_spans
 from trainer_core.teachers import LocalTeacher, SGLangTeacher, TeacherBatch, stored_teacher
 
@@ -82,7 +90,7 @@ def _teacher_source(ctx: StageContext, stage: SADStage) -> LocalTeacher | SGLang
     return teacher
 
 
-class SADMethod:
+class SADMethod(MethodDefaults):
     """The SAD stage method (see the module docstring)."""
 
     def __init__(self, ctx: StageContext) -> None:
@@ -96,24 +104,16 @@ class SADMethod:
                 "no trajectory has reasoning or action tokens within max_seq_len: check the span markers"
             )
         self._eval = _tokenize(ctx, stage, ctx.eval_records)
-        self._order = (
-            complexity_order([_steps(t) for t in self._train], [len(t) for t in self._train])
-            if stage.curriculum else None
-        )
-        self._per_step = stage.batch_size * stage.gradient_accumulation
-        self._shuffled = PromptSchedule([0] * len(self._train), self._per_step, ctx.seed, ctx.stage_index)
-        steps_per_epoch = self._shuffled.steps_per_epoch()
-        self.total_steps = stage.max_steps or max(1, math.ceil((stage.epochs or 1.0) * steps_per_epoch))
+        self.stream = EpochStream(self._planner(), ctx.seed, ctx.stage_index)
+        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
         self._teacher = _teacher_source(ctx, stage)
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Nothing to prepare: the teacher was loaded and checked when the method was built."""
-
-    def _indices(self, step: int) -> list[int]:
-        if self._order is None:
-            return self._shuffled.indices(step)
-        start = (step - 1) * self._per_step
-        return [self._order[position % len(self._order)] for position in range(start, start + self._per_step)]
+    def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:
+        size = self._stage.batch_size
+        if not self._stage.curriculum:
+            return shuffled_chunks(len(self._train), size)
+        order = complexity_order([_steps(t) for t in self._train], [len(t) for t in self._train])
+        return lambda rng: [order[i:i + size] for i in range(0, len(order), size)]
 
     @torch.no_grad()
     def _batch(self, trajectories: Sequence[TokenizedTrajectory]) -> SADBatch:
@@ -145,9 +145,8 @@ class SADMethod:
 
     def micro_batches(self, model: nn.Module, step: int) -> Sequence[SADBatch]:
         """Returns the step's micro-batches with their teacher distributions."""
-        chosen = [self._train[i] for i in self._indices(step)]
-        size = self._stage.batch_size
-        return [self._batch(chosen[start : start + size]) for start in range(0, len(chosen), size)]
+        chunks = self.stream.micro_batches(step, self._stage.gradient_accumulation)
+        return [self._batch([self._train[i] for i in indices]) for indices in chunks]
 
     def _loss(
         self, logits: torch.Tensor, batch: SADBatch, progress: float
@@ -196,22 +195,14 @@ class SADMethod:
         """Returns ``eval_loss`` and the teacher KLs over the eval trajectories (None without any)."""
         if not self._eval:
             return None
-        sums: dict[str, float] = {}
+        parts = []
         size = self._stage.batch_size
         for start in range(0, len(self._eval), size):
             batch = self._batch(self._eval[start : start + size])
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss, metrics = self._loss(logits, batch, 1.0)
-            rows = batch.input_ids.shape[0]
-            for name, value in {"eval_loss": loss, **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * rows
-        return {name: value / len(self._eval) for name, value in sums.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: the data order is a function of (seed, stage, step)."""
+            parts.append(({"eval_loss": loss, **metrics}, batch.input_ids.shape[0]))
+        return weighted_mean(parts)
 
 
 def build(ctx: StageContext) -> SADMethod:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from trainer_core.config import SFTStage, SpanMarkers
 from trainer_core.data import IGNORE_INDEX
@@ -33,8 +32,11 @@ from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
     EpochStream,
     LossOutput,
+    MethodDefaults,
     StageContext,
     shuffled_chunks,
+    stage_steps,
+    weighted_mean,
 )
 from trainer_core.modeling import label_logits
 from trainer_core.spans import trajectory_token_spans
@@ -78,7 +80,7 @@ def render_examples(
     return examples
 
 
-class SFTMethod:
+class SFTMethod(MethodDefaults):
     """Supervised fine-tuning; a micro-batch is ``batch_size`` examples."""
 
     def __init__(self, ctx: StageContext) -> None:
@@ -90,7 +92,7 @@ class SFTMethod:
         # CUDA autocast).
         self.mask_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
         self.stream = EpochStream(self._planner(), ctx.seed, ctx.stage_index)
-        self.total_steps = self.stream.total_steps(stage.epochs, stage.max_steps, stage.gradient_accumulation)
+        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
 
     def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:
         if self.stage.packing:
@@ -110,9 +112,6 @@ class SFTMethod:
         inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS}
         return TokenBatch(inputs, batch["labels"].to(device), int(batch["num_tokens"]))
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Nothing to prepare: SFT needs no reference."""
-
     def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch]:
         chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
         return [self._collate([self.train[i] for i in indices]) for indices in chunks]
@@ -131,22 +130,16 @@ class SFTMethod:
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         if not self.eval:
             return None
-        total, correct, tokens = 0.0, 0.0, 0
+        parts = []
         size = self.stage.batch_size
         for start in range(0, len(self.eval), size):
             loss, metrics, units = self._summed_loss(model, self._collate(self.eval[start:start + size]))
-            total += float(loss)
-            correct += float(metrics["mean_token_accuracy"]) * units
-            tokens += units
-        eval_loss = total / max(tokens, 1)
-        return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)),
-                "eval_mean_token_accuracy": correct / max(tokens, 1)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: the data order is a function of (seed, stage, step)."""
+            per_token = {"eval_loss": loss / max(units, 1),
+                         "eval_mean_token_accuracy": metrics["mean_token_accuracy"]}
+            parts.append((per_token, units))
+        result = weighted_mean(parts)
+        result["perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+        return result
 
 
 def build(ctx: StageContext) -> SFTMethod:

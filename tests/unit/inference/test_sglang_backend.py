@@ -15,7 +15,8 @@ import pytest
 
 from app.errors import ApiError, ServiceUnavailable
 from app.inference.sglang import SGLangBackend
-from app.inference.types import ResolvedModel, SamplingParams
+from app.inference.types import ResolvedModel
+from trainer_core.config import SamplingParams
 
 SERVED = "/data/models/tiny-llama"
 BASE = ResolvedModel(id="tiny-llama", kind="base", base_model="tiny-llama", base_path=Path(SERVED))

@@ -114,3 +114,14 @@ def test_full_fine_tuning_exports_merged_only() -> None:
 def test_lora_targets_must_name_something() -> None:
     loc, _ = _error({"method": "sft", "datasets": DATA}, adapter={"type": "lora", "target_modules": []})
     assert loc == ("adapter", "lora", "target_modules")
+
+
+def test_every_run_spec_field_is_described() -> None:
+    # The run spec's JSON schema is the public OpenAPI schema of POST /v1/runs.
+    schema = RunSpec.model_json_schema()
+    models = {"RunSpec": schema, **schema.get("$defs", {})}
+    undescribed = [
+        f"{name}.{field}" for name, model in models.items()
+        for field, prop in model.get("properties", {}).items() if not prop.get("description")
+    ]
+    assert undescribed == []

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer_core.decoding import DecodingParams, TokenLogprob, decode
+from trainer_core.config import SamplingParams, TokenLogprob
+from trainer_core.decoding import decode
 from trainer_core.modeling import load_tokenizer
 
 NO_EOS: list[int] = []  # random weights: never stop early, so lengths are predictable
@@ -31,7 +32,7 @@ def test_greedy_follows_the_argmax_of_full_forwards(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
     out = decode(
-        model, tokenizer, prompt, DecodingParams(max_new_tokens=6, temperature=0), eos_token_ids=NO_EOS
+        model, tokenizer, prompt, SamplingParams(max_tokens=6, temperature=0), eos_token_ids=NO_EOS
     )
     ids = list(prompt)
     with torch.no_grad():
@@ -46,7 +47,7 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
     def sample(seed: int) -> list[int]:
-        params = DecodingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=seed)
+        params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=seed)
         return decode(model, tokenizer, prompt, params, eos_token_ids=NO_EOS).token_ids
 
     assert sample(5) == sample(5)
@@ -57,7 +58,7 @@ def test_stop_string_ends_the_text_before_it_and_streaming_adds_up(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
     free = decode(
-        model, tokenizer, prompt, DecodingParams(max_new_tokens=12, temperature=0), eos_token_ids=NO_EOS
+        model, tokenizer, prompt, SamplingParams(max_tokens=12, temperature=0), eos_token_ids=NO_EOS
     )
     stop = free.text[4:6]
     pieces: list[str] = []
@@ -65,7 +66,7 @@ def test_stop_string_ends_the_text_before_it_and_streaming_adds_up(
         model,
         tokenizer,
         prompt,
-        DecodingParams(max_new_tokens=12, temperature=0, stop=(stop,)),
+        SamplingParams(max_tokens=12, temperature=0, stop=(stop,)),
         eos_token_ids=NO_EOS,
         on_text=lambda text, _: pieces.append(text),
     )
@@ -78,7 +79,7 @@ def test_streamed_pieces_add_up_to_the_text_without_stop(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
     pieces: list[tuple[str, list[TokenLogprob]]] = []
-    params = DecodingParams(max_new_tokens=10, temperature=0, logprobs=True)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=True)
     out = decode(
         model, tokenizer, prompt, params, eos_token_ids=NO_EOS, on_text=lambda t, lp: pieces.append((t, lp))
     )
@@ -89,9 +90,9 @@ def test_streamed_pieces_add_up_to_the_text_without_stop(
 def test_logprobs_describe_each_generated_token(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
-    params = DecodingParams(max_new_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
     out = decode(model, tokenizer, prompt, params, eos_token_ids=NO_EOS)
-    assert [e.token_id for e in out.logprobs] == out.token_ids
+    assert [e.token for e in out.logprobs] == [tokenizer.decode([t]) for t in out.token_ids]
     for entry in out.logprobs:
         assert entry.logprob <= 0
         assert len(entry.top) == 3
@@ -103,9 +104,9 @@ def test_eos_ends_the_sequence_and_is_left_out(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int]
 ) -> None:
     first = decode(
-        model, tokenizer, prompt, DecodingParams(max_new_tokens=3, temperature=0), eos_token_ids=NO_EOS
+        model, tokenizer, prompt, SamplingParams(max_tokens=3, temperature=0), eos_token_ids=NO_EOS
     )
-    params = DecodingParams(max_new_tokens=10, temperature=0, logprobs=True)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=True)
     out = decode(model, tokenizer, prompt, params, eos_token_ids=[first.token_ids[2]])
     assert out.finish_reason == "stop"
     assert out.token_ids == first.token_ids[:2] and len(out.logprobs) == 2
@@ -119,7 +120,7 @@ def test_should_stop_ends_decoding_early(
         model,
         tokenizer,
         prompt,
-        DecodingParams(max_new_tokens=50, temperature=0),
+        SamplingParams(max_tokens=50, temperature=0),
         eos_token_ids=NO_EOS,
         should_stop=lambda: next(calls) >= 3,
     )

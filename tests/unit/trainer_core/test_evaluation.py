@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer_core.config import SamplingParams
 from trainer_core.data.render import render_prompt, render_sft
-from trainer_core.decoding import DecodingParams, decode
+from trainer_core.decoding import decode
 from trainer_core.eval_metrics import check_metrics, metric_formats
-from trainer_core.evaluation import GenerationSettings, evaluate, prompt_and_answer
+from trainer_core.evaluation import evaluate, prompt_and_answer
 from trainer_core.losses import sft_loss
 from trainer_core.modeling import load_tokenizer
 
@@ -82,7 +83,7 @@ def test_exact_match_scores_greedy_generations_against_the_answer(
         model,
         tokenizer,
         render_prompt(tokenizer, {"prompt": "2+2="}),
-        DecodingParams(max_new_tokens=4, temperature=0),
+        SamplingParams(max_tokens=4, temperature=0),
         eos_token_ids=[tokenizer.eos_token_id],
     ).text
     records = [
@@ -95,7 +96,7 @@ def test_exact_match_scores_greedy_generations_against_the_answer(
         records,
         "prompts",
         ["exact_match", "contains"],
-        generation=GenerationSettings(max_tokens=4),
+        generation=SamplingParams(max_tokens=4, temperature=0, seed=0),
         num_samples=1,
     )
     assert result.metrics["exact_match"] == pytest.approx(0.5)
@@ -111,7 +112,7 @@ def test_progress_reaches_one(model: PreTrainedModel, tokenizer: PreTrainedToken
         SFT,
         "sft",
         ["loss", "exact_match"],
-        generation=GenerationSettings(max_tokens=2),
+        generation=SamplingParams(max_tokens=2, temperature=0, seed=0),
         on_progress=seen.append,
     )
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)

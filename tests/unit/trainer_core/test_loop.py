@@ -11,14 +11,14 @@ from trainer_core.checkpoint import complete_checkpoints, read_manifest
 from trainer_core.config import LoraAdapter, SFTStage
 from trainer_core.loop import CheckpointPolicy, learning_rate_at, train_stage
 from trainer_core.losses.sft import sft_loss
-from trainer_core.methods.base import LossOutput
+from trainer_core.methods.base import LossOutput, MethodDefaults
 from trainer_core.modeling import load_policy, trainable_parameters
 from trainer_core.reporting import RecordingReporter
 
 CPU = torch.device("cpu")
 
 
-class ToyMethod:
+class ToyMethod(MethodDefaults):
     """Next-token loss on fixed random sequences; batches drawn from a generator seeded by the step."""
 
     def __init__(self, total_steps: int, micro: int, per_micro: int, seed: int = 0) -> None:
@@ -26,9 +26,6 @@ class ToyMethod:
         self.micro, self.per_micro, self.seed = micro, per_micro, seed
         self.seqs = torch.randint(5, 200, (16, 12), generator=torch.Generator().manual_seed(seed))
         self.evals = 0
-
-    def setup(self, model, tokenizer) -> None:
-        pass
 
     def micro_batches(self, model, step: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + step)
@@ -53,6 +50,22 @@ class ToyMethod:
 
     def load_state_dict(self, state: dict) -> None:
         self.evals = state["evals"]
+
+
+class ToyMethodWithScale(ToyMethod):
+    """ToyMethod whose logits pass through an extra trainable module (a learned scale), like a value head."""
+
+    def setup(self, model, tokenizer) -> None:
+        self.scale = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(self.scale.weight)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"scale": self.scale}
+
+    def loss(self, model, batch: torch.Tensor, step: int) -> LossOutput:
+        logits = model(input_ids=batch).logits[:, :-1] * self.scale.weight[0, 0]
+        loss, _ = sft_loss(logits, batch[:, 1:], num_tokens_in_batch=1)
+        return LossOutput(loss, batch[:, 1:].numel(), batch.numel())
 
 
 def _stage(**overrides) -> SFTStage:
@@ -137,3 +150,22 @@ def test_retention_keeps_last_k_and_the_best(tiny_model_dir: Path, tmp_path: Pat
     assert train_steps == [1, 2, 3, 4, 5, 6]
     first = reporter.metrics[0][3]
     assert {"loss", "lr", "grad_norm", "tokens_per_second", "step_time", "acc"} <= set(first)
+
+
+def test_extra_trainable_modules_train_in_the_loop_and_resume_exactly(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    stage = _stage(lr_scheduler="constant", warmup_steps=0)
+    straight, method_a = RecordingReporter(), ToyMethodWithScale(6, 2, 3)
+    _train(tiny_model_dir, tmp_path / "a", method_a, straight, stage)
+    # Only the loop's optimizer can have moved the scale off its initial 1.0.
+    assert abs(method_a.scale.weight.item() - 1.0) > 1e-3
+    first = RecordingReporter(stop_after_steps=3)
+    _train(tiny_model_dir, tmp_path / "b", ToyMethodWithScale(6, 2, 3), first, stage)
+    second, method_b = RecordingReporter(), ToyMethodWithScale(6, 2, 3)
+    _train(tiny_model_dir, tmp_path / "b", method_b, second, stage, tmp_path / "b" / "checkpoint-00000003")
+    for name in ("loss", "grad_norm"):
+        assert first.train_series(name) + second.train_series(name) == pytest.approx(
+            straight.train_series(name), abs=1e-6
+        )
+    assert method_b.scale.weight.item() == pytest.approx(method_a.scale.weight.item(), abs=1e-7)

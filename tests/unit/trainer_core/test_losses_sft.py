@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from trainer_core.losses import policy_entropy, sequence_logps, sft_loss, sft_loss_from_hidden, token_entropy
+from trainer_core.losses import policy_entropy, sft_loss, sft_loss_from_hidden, token_entropy
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -77,15 +77,6 @@ def test_sft_loss_from_hidden_equals_full_logits_loss_on_random_inputs() -> None
     full, _ = sft_loss(hidden @ weight.T, labels)
     lean, _ = sft_loss_from_hidden(hidden, weight, labels)
     torch.testing.assert_close(lean, full)
-
-
-def test_sequence_logps_sums_label_logprobs_over_mask() -> None:
-    logits, labels = _logits_and_labels()
-    result = sequence_logps(logits, labels)
-    # log(1/2) + log(1/5) = -ln 10; the ignored position contributes 0.
-    torch.testing.assert_close(result.tokens, torch.tensor([[-LN2, -math.log(5), 0.0]]))
-    torch.testing.assert_close(result.sum, torch.tensor([-math.log(10)]))
-    assert result.mask.tolist() == [[True, True, False]]
 
 
 def test_entropy_of_known_distributions() -> None:

@@ -11,7 +11,7 @@ from trainer_core.reporting import RecordingReporter
 
 def _stage(**overrides: object) -> PPOStage:
     fields: dict = {
-        "method": "ppo", "datasets": [{"id": "ds_prompts"}], "max_steps": 12, "learning_rate": 5e-2,
+        "method": "ppo", "datasets": [{"id": "ds_prompts"}], "max_steps": 12, "learning_rate": 2e-2,
         "batch_size": 16, "gradient_accumulation": 2, "ppo_epochs": 2, "max_new_tokens": 1,
         "reward": VOWEL_FIRST_REWARD, "lr_scheduler": "constant", "max_seq_len": 64,
     }
