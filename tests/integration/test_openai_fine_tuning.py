@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from openai import ConflictError, OpenAI
 
-from tests.integration.conftest import FAST, Stack, wait_for
+from tests.integration.conftest import Stack, wait_for
 
 CHAT = [{"messages": [{"role": "system", "content": "You add."},
                       {"role": "user", "content": f"What is {i} plus {i}?"},
@@ -26,15 +26,9 @@ PREFS = [{"input": {"messages": [{"role": "user", "content": f"Name the number {
 ENDED = {"succeeded", "failed", "cancelled"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def patient_leases() -> Iterator[None]:
-    """Gives this module's stack a 20 s lease: on a loaded shared machine a 3 s lease expires while
-    a worker loads the model, and these tests are about the OpenAI face, not lease recovery."""
-    saved = dict(FAST)
-    FAST["lease_seconds"] = "20"
-    yield
-    FAST.clear()
-    FAST.update(saved)
+# On a loaded shared machine a 3 s lease expires while a worker loads the model; these tests are
+# about the OpenAI face, not lease recovery (tests/integration/test_leases.py is).
+STACK_ENV = {"TUNEYARD_LEASE_SECONDS": "20"}
 
 
 def jsonl(records: list[dict[str, Any]]) -> bytes:
