@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Team
 from app.services import auth
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings
 from app.storage import LocalBlobStore
 
@@ -35,7 +36,12 @@ async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+async def get_snapshots(request: Request) -> SnapshotCache:
+    return request.app.state.snapshots
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SnapshotsDep = Annotated[SnapshotCache, Depends(get_snapshots)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[LocalBlobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
@@ -46,15 +52,15 @@ bearer = HTTPBearer(auto_error=False, description="an API key `ty_…` (tuneyard
 
 async def get_current_team(
     request: Request,
-    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Team:
     """Returns the team of the Bearer key (or the default team when auth is switched off).
 
-    A key seen within `auth_cache_seconds` costs no database round trip and no thread hop.
+    A key seen within `auth_cache_seconds` costs no database round trip and no thread hop (and no
+    further dependency: every one costs the polled routes CPU).
     """
     sessions: sessionmaker[Session] = request.app.state.sessions
-    if not settings.auth_enabled:
+    if not request.app.state.settings.auth_enabled:
         return await run_in_threadpool(_default_team, sessions)
     cache: auth.KeyCache = request.app.state.keys
     key = credentials.credentials if credentials else None
@@ -63,8 +69,7 @@ async def get_current_team(
         entry = await run_in_threadpool(_lookup, sessions, cache, key)
     elif cache.touch_due(entry.key_id):
         await run_in_threadpool(_touch, sessions, entry.key_id)
-    # A plain (transient) Team: handlers read its id and name, and it is safe to share.
-    return Team(id=entry.team_id, name=entry.team_name)
+    return entry.team
 
 
 def _default_team(sessions: sessionmaker[Session]) -> Team:

@@ -12,7 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.storage import StorageFull
 
 log = logging.getLogger("tuneyard.errors")
 
@@ -22,13 +26,17 @@ ERROR_TYPES: dict[int, str] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
     500: "api_error",
     503: "service_unavailable_error",
+    507: "insufficient_storage_error",
 }
+# How long a client should wait before retrying when the database is unreachable.
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 class ErrorBody(BaseModel):
@@ -249,9 +257,33 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    codes = {404: "not_found", 405: "method_not_allowed", 401: "invalid_api_key"}
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "invalid_api_key", 408: "request_timeout",
+             413: "payload_too_large"}
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     return error_response(status, codes.get(status, "http_error"), message, headers=exc.headers)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Connection refused or dropped, a pool exhausted, SQLite locked: transient, and the pool's
+    # pre-ping replaces dead connections, so the same request succeeds once the database is back.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                type(exc).__name__)
+    return error_response(503, "database_unavailable", "the database is unreachable; retry shortly",
+                          headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+
+
+async def _database_refused_value(request: Request, exc: Exception) -> JSONResponse:
+    # A value the database cannot store (out of a column's range, an encoding it refuses): the
+    # request's fault. The SQL and its parameters stay in the log, never in the answer.
+    log.error("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(422, "invalid_value", "a value in the request is out of the range the service "
+                          "can store; check the ids and numbers you sent")
+
+
+async def _storage_full(request: Request, exc: Exception) -> JSONResponse:
+    log.error("storage full on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(507, "storage_full", "the service's storage is full; nothing was stored, retry "
+                          "later or contact the operator")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -261,5 +293,9 @@ def install_error_handlers(app: FastAPI) -> None:
     which logs them with the request id and still sets X-Request-ID on the 500.
     """
     app.add_exception_handler(ApiError, _api_error)
+    for unavailable in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(unavailable, _database_unavailable)
+    app.add_exception_handler(DataError, _database_refused_value)
+    app.add_exception_handler(StorageFull, _storage_full)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

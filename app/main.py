@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,9 +11,15 @@ import anyio
 from fastapi import APIRouter, FastAPI
 from starlette.types import Scope
 
-from app.body_limit import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodyLimitMiddleware
 from app.broker import create_celery
 from app.db.session import make_session_factory
+from app.edge import (
+    JSON_BODY_LIMIT,
+    MULTIPART_OVERHEAD,
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    UrlGuardMiddleware,
+)
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
 from app.routes import (
@@ -33,21 +40,23 @@ from app.routes import (
     webhooks,
 )
 from app.services.auth import KeyCache
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings, get_settings
-from app.storage import LocalBlobStore
+from app.storage import LocalBlobStore, sweep_tmp_forever
 
 log = logging.getLogger("tuneyard.api")
 
-# Every router of the API; a new resource is one line here.
+# Every router of the API; a new resource is one line here. A request is matched against the
+# routes in this order, so the polled ones (run status, metrics) come first.
 ROUTERS: list[APIRouter] = [
+    runs.router,
+    metrics.router,
     ops.router,
     models.router,
     datasets.router,
-    runs.router,
     dashboard.router,
     inference.router,
     evals.router,
-    metrics.router,
     stream.router,
     checkpoints.router,
     graders.router,
@@ -71,15 +80,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Sync handlers and dependencies each take a worker thread, one hop at a time, and a request's
         # session may hold a pooled connection between hops. With fewer threads than requests in
         # flight, every thread can end up waiting for a connection whose holder waits for a thread
-        # (the API stalled at 100 connections). More threads than admitted requests (uvicorn's
-        # limit_concurrency) means a hop never waits for a thread, so connection holders progress.
+        # (the API stalled at 100 connections). More threads than admitted requests
+        # (app.edge.AdmissionMiddleware) means a hop never waits for a thread, so connection holders progress.
         anyio.to_thread.current_default_thread_limiter().total_tokens = (
             settings.api_max_concurrency + API_SPARE_THREADS
         )
         if not settings.auth_enabled:
             log.warning("authentication is OFF (TUNEYARD_AUTH_ENABLED=false): every request acts as "
                         "the team %r; never expose this server", "default")
+        sweeper = asyncio.create_task(sweep_tmp_forever(app.state.store, settings.tmp_max_age_seconds))
         yield
+        sweeper.cancel()
         app.state.sessions.kw["bind"].dispose()
 
     app = FastAPI(
@@ -93,13 +104,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = LocalBlobStore(settings.storage_dir)
     app.state.celery = create_celery(settings)
     app.state.keys = KeyCache(settings.auth_cache_seconds)
+    app.state.snapshots = SnapshotCache(settings.api_snapshot_seconds)
 
     def body_limit(scope: Scope) -> int:
         if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:
             return settings.max_upload_bytes + MULTIPART_OVERHEAD
         return JSON_BODY_LIMIT
 
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    # Outermost last: request id and access log, then admission, then URL and body checks.
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit,
+                       stall_seconds=settings.api_body_timeout_seconds)
+    app.add_middleware(UrlGuardMiddleware)
+    app.add_middleware(AdmissionMiddleware, limit=settings.api_max_concurrency)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     for router in ROUTERS:

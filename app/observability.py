@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,6 +29,26 @@ LATENCY = Histogram(
     "tuneyard_http_request_duration_seconds", "HTTP request latency by route",
     ["method", "route"], registry=REGISTRY,
 )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """Returns the text with control characters written as escapes (`\n`, `\x00`), one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class _EscapeControlFilter(logging.Filter):
+    """Renders each record's message once, escaped: a newline in a logged path or name cannot forge
+    a separate log line, and NUL or terminal escapes cannot reach a log reader."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = escape_control(message)
+        if escaped != message or record.args:
+            record.msg, record.args = escaped, None
+        return True
 
 
 class _RequestIdFilter(logging.Filter):
@@ -56,9 +77,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
-    """Sets up the root logger: JSON lines or a readable text line, both with the request id."""
-    handler = logging.StreamHandler(sys.stderr)
+def make_log_handler(json_lines: bool, stream: TextIO) -> logging.Handler:
+    """Returns the service's log handler on `stream`: JSON lines or readable text, one line per record."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(_EscapeControlFilter())
     handler.addFilter(_RequestIdFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())
@@ -66,8 +88,13 @@ def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
+    return handler
+
+
+def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
+    """Sets up the root logger: JSON lines or a readable text line, both with the request id."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_log_handler(json_lines, sys.stderr)]
     root.setLevel(level)
 
 

@@ -37,7 +37,20 @@ class Settings(BaseSettings):
     sglang_url: str | None = None
     inference_cache_bytes: int = Field(2 * 1024**3, ge=0)
     api_max_concurrency: int = Field(
-        200, ge=1, description="connections the API serves at once; more get 503 (uvicorn limit_concurrency)"
+        200, ge=1, description="requests the API serves at once; more get 503 (idle connections do not count)"
+    )
+    api_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection that has not sent its request headers by then is closed"
+    )
+    api_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="a request body that stalls this long between chunks gets 408"
+    )
+    tmp_max_age_seconds: float = Field(
+        6 * 3600.0, gt=0, description="temporary upload files older than this are swept (a killed upload)"
+    )
+    api_snapshot_seconds: float = Field(
+        1.0, ge=0, description="a run's polled status and metrics are answered from a per-process cache "
+                               "this long (a cancel or resume through this process drops it at once; 0: off)"
     )
     log_json: bool = False
     webhook_retry_base_seconds: float = Field(

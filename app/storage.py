@@ -1,21 +1,32 @@
 """Blob storage: a small interface and a local-folder implementation.
 
 Writes go to a temporary name, are hashed while streamed and renamed atomically when complete,
-so a reader never sees a half-written blob and an aborted upload leaves nothing behind.
+so a reader never sees a half-written blob and an aborted upload leaves nothing behind. A process
+killed mid-write cannot clean up, so temporary files older than a bound are swept (the API does it
+at start-up and periodically). A full disk is a StorageFull, with the partial file removed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
+import logging
 import os
 import shutil
-from collections.abc import AsyncIterable, Iterable
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from app.ids import new_id
 
+log = logging.getLogger("tuneyard.storage")
+
 TMP_DIR = ".tmp"
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+SWEEP_INTERVAL_SECONDS = 600.0
 
 
 class UnsafeKey(ValueError):
@@ -28,6 +39,34 @@ class BlobTooLarge(Exception):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"blob is larger than the limit of {max_bytes} bytes")
         self.max_bytes = max_bytes
+
+
+class StorageFull(Exception):
+    """The storage volume (or the quota on it) is full; nothing partial was left behind."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("the storage volume is full" + (f" ({detail})" if detail else ""))
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Returns whether an error (or one it was raised from) is the disk or quota running out of space."""
+    while exc is not None:
+        if isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def full_disk_as_storage_full(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Runs `cleanup` and raises StorageFull when the body runs out of disk space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_DISK_ERRNOS:
+            raise
+        cleanup()
+        raise StorageFull(os.strerror(exc.errno)) from exc
 
 
 def check_key(key: str) -> str:
@@ -47,7 +86,9 @@ class BlobWriter:
         self._tmp = tmp_path
         self._final = final_path
         self._max = max_bytes
-        self._file: BinaryIO | None = open(tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._file: BinaryIO | None = None
+        with full_disk_as_storage_full(self.abort):
+            self._file = open(tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -58,23 +99,27 @@ class BlobWriter:
             self.abort()
             raise BlobTooLarge(self._max)
         self._hash.update(chunk)
-        self._file.write(chunk)
+        with full_disk_as_storage_full(self.abort):
+            self._file.write(chunk)
 
     def commit(self) -> tuple[int, str]:
         """Returns (size, sha256 hex) after fsync and atomic rename to the final key."""
         assert self._file is not None, "writer is closed"
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        self._final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, self._final)
+        with full_disk_as_storage_full(self.abort):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self._final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._tmp, self._final)
         return self.size, self._hash.hexdigest()
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            # Flushing the buffer fails again on a full disk; the file is removed just below anyway.
+            with suppress(OSError):
+                file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> BlobWriter:
@@ -157,3 +202,39 @@ class LocalBlobStore:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def sweep_tmp(root: Path, max_age_seconds: float) -> int:
+    """Returns how many temporary entries older than `max_age_seconds` were removed from the store."""
+    cutoff = time.time() - max_age_seconds
+    removed = 0
+    for entry in (Path(root) / TMP_DIR).iterdir():
+        try:
+            if entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except FileNotFoundError:  # another process swept or committed it meanwhile
+            continue
+    return removed
+
+
+async def sweep_tmp_forever(store: LocalBlobStore, max_age_seconds: float) -> None:
+    """Sweeps the store's temporary files now and then every few minutes, until cancelled.
+
+    A file being written has a fresh modification time, so only abandoned ones are old.
+    """
+    interval = min(SWEEP_INTERVAL_SECONDS, max_age_seconds)
+    while True:
+        try:
+            removed = await asyncio.to_thread(sweep_tmp, store.root, max_age_seconds)
+        except OSError:
+            log.exception("sweeping %s failed; retrying in %.0f s", store.root / TMP_DIR, interval)
+        else:
+            if removed:
+                log.info("swept %d temporary file(s) older than %.0f s from %s", removed, max_age_seconds,
+                         store.root / TMP_DIR)
+        await asyncio.sleep(interval)

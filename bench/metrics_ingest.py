@@ -11,7 +11,6 @@ Writers, each on its own fresh run, alternating round by round:
   a real run (default batch settings: 64 rows or 1 s).
 - per_step: one fenced upsert transaction per reported row (what an unbatched reporter would do).
 - copy: psycopg COPY of the same rows into the table (no fence, no upsert): the database's ceiling.
-- reporter_fix: the reporter with one change, the proposed fix (`upsert_executemany` below).
 
 After each run the rows and the JSON keys in the database are counted: nothing may be lost. The
 reporter run then re-reports its last 10% of steps (a resumed attempt) and the row count must not
@@ -26,9 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 from common import fresh_database, header, median
 from sqlalchemy import func, select, text
@@ -145,69 +142,8 @@ def write_copy(sessions: sessionmaker[Session], team_id: str, run_id: str, batch
         session.commit()
 
 
-def upsert_executemany(session: Session, run_id: str, points: list[MetricPoint]) -> None:
-    """The proposed fix for `upsert_metrics`: the same two writes as cached statements run with many rows.
-
-    `insert(Metric).values(rows)` builds a new multi-row VALUES statement per batch, which
-    SQLAlchemy compiles afresh every time (and psycopg re-parses: the text is too long for its
-    cache); `execute(statement, rows)` compiles once and lets SQLAlchemy's insertmanyvalues batch
-    the rows. Same rows, same upsert, same series-catalog insert, same transaction.
-    """
-    unique = {(p.stage_index, p.step, p.split): p for p in points}
-    rows = [
-        {
-            "run_id": run_id,
-            "stage_index": p.stage_index,
-            "step": p.step,
-            "split": p.split,
-            "values": p.values,
-            "created_at": p.created_at,
-        }
-        for p in unique.values()
-    ]
-    if not rows:
-        return
-    metrics_upsert, catalog_insert = _statements()
-    connection = session.connection()
-    connection.execute(metrics_upsert, rows)
-    names = sorted({(p.stage_index, p.split, name) for p in unique.values() for name in p.values})
-    connection.execute(
-        catalog_insert,
-        [{"run_id": run_id, "stage_index": i, "split": split, "name": name} for i, split, name in names],
-    )
-
-
-@cache
-def _statements() -> tuple[Any, Any]:
-    from sqlalchemy.dialects.postgresql import insert
-
-    from app.db.models import MetricSeriesName
-
-    upsert = insert(Metric.__table__)
-    upsert = upsert.on_conflict_do_update(
-        index_elements=["run_id", "stage_index", "step", "split"],
-        set_={"values": upsert.excluded["values"], "created_at": upsert.excluded.created_at},
-    )
-    return upsert, insert(MetricSeriesName.__table__).on_conflict_do_nothing()
-
-
-def write_reporter_fixed(
-    sessions: sessionmaker[Session], team_id: str, run_id: str, batch: list[Report]
-) -> None:
-    """The reporter with `upsert_executemany` in place of `upsert_metrics` (nothing else changed)."""
-    import worker.reporter
-
-    shipped = worker.reporter.upsert_metrics
-    worker.reporter.upsert_metrics = upsert_executemany
-    try:
-        write_reporter(sessions, team_id, run_id, batch)
-    finally:
-        worker.reporter.upsert_metrics = shipped
-
-
 WRITERS: dict[str, Callable[[sessionmaker[Session], str, str, list[Report]], None]] = {
     "reporter": write_reporter,
-    "reporter_fix": write_reporter_fixed,
     "per_step": write_per_step,
     "copy": write_copy,
 }
@@ -317,7 +253,7 @@ def report(results: list[IngestResult], idempotency: str) -> None:
     lost = [r for r in results if (r.rows_found, r.points_found) != (r.rows, r.points)]
     print(
         f"\npoints/s (median): reporter {rates['reporter']:,.0f}  per_step {rates['per_step']:,.0f}  "
-        f"copy {rates['copy']:,.0f}  reporter_fix {rates['reporter_fix']:,.0f}"
+        f"copy {rates['copy']:,.0f}"
     )
     print(
         f"reporter vs per-step commits {rates['reporter'] / rates['per_step']:.1f}x; "
@@ -327,11 +263,6 @@ def report(results: list[IngestResult], idempotency: str) -> None:
     print(
         f"target reporter >= {TARGET_POINTS_PER_SECOND:,} points/s: {'MET' if ok else 'MISSED'}; "
         f"lost points: {'none' if not lost else ', '.join(r.writer for r in lost)}"
-    )
-    print(
-        f"proposed fix (executemany upsert) vs shipped reporter: "
-        f"{rates['reporter_fix'] / rates['reporter']:.2f}x "
-        f"({'meets' if rates['reporter_fix'] >= TARGET_POINTS_PER_SECOND else 'misses'} the target)"
     )
     print(idempotency)
 

@@ -42,6 +42,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from trainer_core.config import LoraAdapter
 from trainer_core.modeling import POLICY_ADAPTER, load_base_model, load_policy, trainable_parameters
 from trainer_core.reporting import CheckpointInfo, CheckpointKind, FileEntry
+from trainer_core.staging import staged_folder
 
 MANIFEST = "manifest.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
@@ -107,13 +108,6 @@ def _finalize(tmp: Path, final: Path, manifest: dict[str, Any]) -> list[FileEntr
     return files
 
 
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Returns the parsed manifest of a complete checkpoint or export folder."""
     return json.loads((folder / MANIFEST).read_text())
@@ -173,18 +167,18 @@ def save_resume_checkpoint(
     by name.
     """
     final = stage_folder / f"checkpoint-{step:08d}"
-    tmp = _fresh_tmp(final)
     weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    torch.save(method_state, tmp / "method_state.pt")
-    if modules:
-        torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
                 "config": config, "metrics": metrics}
-    files = _finalize(tmp, final, manifest)
+    with staged_folder(final) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(method_state, tmp / "method_state.pt")
+        if modules:
+            torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
+        files = _finalize(tmp, final, manifest)
     return CheckpointInfo(stage_index=stage_index, step=step, kind="resume", path=final, files=files,
                           metrics=dict(metrics))
 
@@ -286,13 +280,13 @@ def export_adapter(
     config: dict[str, Any],
 ) -> CheckpointInfo:
     """Returns the info of a PEFT adapter folder (loads with ``PeftModel.from_pretrained``)."""
-    tmp = _fresh_tmp(out_dir)
-    # The base vocabulary is never resized, so the adapter needs no copy of the embedding layers
-    # (peft would add one whenever lm_head is a LoRA target).
-    model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
-    tokenizer.save_pretrained(tmp)
     manifest = {"kind": "adapter", "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, "adapter", stage_index, step)
+    with staged_folder(out_dir) as tmp:
+        # The base vocabulary is never resized, so the adapter needs no copy of the embedding layers
+        # (peft would add one whenever lm_head is a LoRA target).
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        return _export_info(tmp, out_dir, manifest, "adapter", stage_index, step)
 
 
 def export_merged(
@@ -308,7 +302,6 @@ def export_merged(
     training model is left untouched), then the weights are cast back to the base's saved dtype
     so a bf16 base does not come back twice its size.
     """
-    tmp = _fresh_tmp(out_dir)
     if isinstance(model, PeftModel):
         saved_dtype = AutoConfig.from_pretrained(base_model_dir).dtype or torch.float32
         fresh = load_base_model(base_model_dir, torch.float32, torch.device("cpu"))
@@ -319,12 +312,13 @@ def export_merged(
         merged = clone.merge_and_unload().to(saved_dtype)
     else:
         merged = model
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name, write in (extra_files or {}).items():
-        write(tmp / name)
     manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
-    return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
+    with staged_folder(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        return _export_info(tmp, out_dir, manifest, kind, stage_index, step)
 
 
 def _export_info(
@@ -344,13 +338,14 @@ def adapter_from_resume_checkpoint(
     """
     if (out_dir / "adapter_config.json").is_file():
         return out_dir
-    tmp = _fresh_tmp(out_dir.with_name(f"{out_dir.name}.{os.getpid()}"))
-    model = load_policy(base_model_dir, adapter, torch.device("cpu"))
-    load_trainable_weights(checkpoint_dir, model)
-    model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
-    _fsync_tree(tmp)
-    if out_dir.exists():  # another process finished first; its folder is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
-    os.replace(tmp, out_dir)
+    # A per-process staging name: two API processes may serve the same step for the first time.
+    with staged_folder(out_dir.with_name(f"{out_dir.name}.{os.getpid()}")) as tmp:
+        model = load_policy(base_model_dir, adapter, torch.device("cpu"))
+        load_trainable_weights(checkpoint_dir, model)
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        _fsync_tree(tmp)
+        if out_dir.exists():  # another process finished first; its folder is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
     return out_dir

@@ -11,10 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from trainer_core.grader_config import StageReward
 from trainer_core.reward_config import ExactMatchReward
+from trainer_core.spec_base import (
+    MAX_ACCUMULATION,
+    MAX_BATCH,
+    MAX_COEF,
+    MAX_EPOCHS,
+    MAX_GENERATIONS,
+    MAX_LIST,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_WEIGHT,
+    SpecModel,
+)
 
 DatasetFormat = Literal["sft", "preference", "prompts", "trajectories"]
 
@@ -28,23 +42,20 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # ---------------------------------------------------------------- adapter
 
 
-class LoraAdapter(_Strict):
+class LoraAdapter(SpecModel):
     type: Literal["lora"] = Field("lora", description="LoRA: low-rank adapters on the frozen base model")
     r: int = Field(16, ge=1, le=1024, description="rank of each adapter matrix")
     alpha: float = Field(
         32, gt=0,
-        description="scaling numerator: the adapter's update is scaled by alpha / r",
+        le=MAX_COEF * 100, description="scaling numerator: the adapter's update is scaled by alpha / r",
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input during training")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
+        max_length=MAX_LIST,
         description="module names to adapt, or 'all-linear' for every linear layer but the LM head",
     )
 
@@ -56,7 +67,7 @@ class LoraAdapter(_Strict):
         return v
 
 
-class FullAdapter(_Strict):
+class FullAdapter(SpecModel):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
     type: Literal["full"] = Field("full", description="full fine-tuning: every weight trains")
@@ -68,23 +79,30 @@ Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
 # ---------------------------------------------------------------- stages
 
 
-class DatasetRef(_Strict):
-    id: str = Field(min_length=1, description="id of an uploaded dataset")
+class DatasetRef(SpecModel):
+    id: str = Field(min_length=1, max_length=200, description="id of an uploaded dataset")
     weight: float = Field(
         1.0, gt=0,
+        le=MAX_WEIGHT,
         description="share of the stage's training mixture, relative to the other datasets' weights",
     )
 
 
-class PromptCurriculum(_Strict):
+class PromptCurriculum(SpecModel):
     """Admit harder prompts (records carry an integer `difficulty`) once the success rate passes a bar."""
 
     threshold: float = Field(
         0.7, gt=0, le=1,
         description="success rate over the window that admits the next difficulty level",
     )
-    window: int = Field(32, ge=1, description="recent prompts over which the success rate is measured")
-    start_level: int = Field(0, description="the highest difficulty admitted at the start")
+    window: int = Field(
+        32, ge=1, le=100_000,
+        description="recent prompts over which the success rate is measured",
+    )
+    start_level: int = Field(
+        0, ge=-1_000_000, le=1_000_000,
+        description="the highest difficulty admitted at the start",
+    )
 
 
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
@@ -95,26 +113,38 @@ FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
 LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
 
 
-class StageBase(_Strict):
-    datasets: list[DatasetRef] = Field(min_length=1, description="training datasets, mixed by weight")
+class StageBase(SpecModel):
+    datasets: list[DatasetRef] = Field(
+        min_length=1, max_length=MAX_LIST,
+        description="training datasets, mixed by weight",
+    )
     eval_dataset: str | None = Field(
         None,
-        description="id of a held-out dataset to evaluate on (instead of eval_fraction)",
+        max_length=200, description="id of a held-out dataset to evaluate on (instead of eval_fraction)",
     )
     eval_fraction: float = Field(0.0, ge=0, le=0.5, description="held-out share of the training mixture")
     epochs: float | None = Field(
         None, gt=0,
+        le=MAX_EPOCHS,
         description="passes over the training data (give epochs or max_steps; default: 1 epoch)",
     )
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps of the stage (instead of epochs)")
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="optimizer steps of the stage (instead of epochs)",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
     batch_size: int = Field(
         8, ge=1,
+        le=MAX_BATCH,
         description="examples per micro-batch (pairs for DPO, completions for GRPO, prompts for PPO)",
     )
-    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    gradient_accumulation: int = Field(
+        1, ge=1, le=MAX_ACCUMULATION,
+        description="micro-batches per optimizer step",
+    )
     max_seq_len: int = Field(
         2048, ge=8,
+        le=MAX_SEQ_LEN,
         description="longest sequence in tokens; longer examples are truncated per `truncation`",
     )
     truncation: Literal["right", "left", "drop"] = Field(
@@ -125,18 +155,21 @@ class StageBase(_Strict):
         "cosine",
         description="learning-rate decay after warmup",
     )
-    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warmup")
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_STEPS,
+        description="optimizer steps of linear learning-rate warmup",
+    )
     weight_decay: float = Field(
         0.0, ge=0,
-        description="AdamW weight decay (biases and norm weights take none)",
+        le=MAX_COEF, description="AdamW weight decay (biases and norm weights take none)",
     )
     max_grad_norm: float | None = Field(
         1.0, gt=0,
-        description="gradient-norm clipping threshold; null turns clipping off",
+        le=MAX_COEF * 100, description="gradient-norm clipping threshold; null turns clipping off",
     )
     eval_every_steps: int | None = Field(
         None, ge=1,
-        description="evaluate every N optimizer steps (and at the end); needs eval data",
+        le=MAX_STEPS, description="evaluate every N optimizer steps (and at the end); needs eval data",
     )
 
     @field_validator("max_steps")
@@ -185,7 +218,10 @@ class SFTStage(StageBase):
 class DPOStage(StageBase):
     method: Literal["dpo"] = Field(description="direct preference optimisation on preference records")
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
-    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the stage-start reference")
+    beta: float = Field(
+        0.1, gt=0, le=MAX_COEF,
+        description="strength of the implicit KL to the stage-start reference",
+    )
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5,
@@ -207,9 +243,9 @@ class _RolloutStage(StageBase):
     )
     max_new_tokens: int = Field(
         256, ge=1,
-        description="most tokens sampled per completion (below max_seq_len)",
+        le=MAX_NEW_TOKENS, description="most tokens sampled per completion (below max_seq_len)",
     )
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    temperature: float = Field(1.0, gt=0, le=MAX_COEF, description="sampling temperature of rollouts")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of rollouts")
     curriculum: PromptCurriculum | None = Field(
         None,
@@ -233,14 +269,14 @@ class GRPOStage(_RolloutStage):
     learning_rate: float = Field(5e-6, gt=0, le=1, description=LEARNING_RATE_NOTE)
     num_generations: int = Field(
         8, ge=2,
-        description="completions sampled per prompt (a group); divides batch_size",
+        le=MAX_GENERATIONS, description="completions sampled per prompt (a group); divides batch_size",
     )
     epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip range of the probability ratio")
     epsilon_high: float | None = Field(
         None, gt=0,
-        description="upper clip range (DAPO's clip-higher); default: epsilon",
+        le=MAX_COEF, description="upper clip range (DAPO's clip-higher); default: epsilon",
     )
-    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference forward")
+    beta: float = Field(0.0, ge=0, le=MAX_COEF, description="KL coefficient; 0 skips the reference forward")
     loss_aggregation: Literal["grpo", "dapo"] = Field(
         "grpo",
         description="grpo: mean per sequence, then over sequences; dapo: mean over all tokens",
@@ -269,22 +305,25 @@ class PPOStage(_RolloutStage):
     learning_rate: float = Field(1e-5, gt=0, le=1, description=LEARNING_RATE_NOTE)
     gamma: float = Field(1.0, ge=0, le=1, description="discount factor of GAE")
     lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE")
-    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    vf_coef: float = Field(0.1, ge=0, le=MAX_COEF, description="weight of the value loss")
     kl_coef: float = Field(
         0.05, ge=0,
-        description="per-token KL penalty to the stage-start reference, in the reward",
+        le=MAX_COEF, description="per-token KL penalty to the stage-start reference, in the reward",
     )
     cliprange: float = Field(0.2, gt=0, lt=1, description="clip range of the probability ratio")
-    cliprange_value: float = Field(0.2, gt=0, description="clip range of the value update")
-    ppo_epochs: int = Field(4, ge=1, description="optimizer steps (epochs over the rollout) per rollout")
+    cliprange_value: float = Field(0.2, gt=0, le=MAX_COEF, description="clip range of the value update")
+    ppo_epochs: int = Field(
+        4, ge=1, le=64,
+        description="optimizer steps (epochs over the rollout) per rollout",
+    )
     whiten_advantages: bool = Field(True, description="normalise advantages to zero mean and unit variance")
 
 
-class SpanWeights(_Strict):
+class SpanWeights(SpecModel):
     """Loss weight per span type; observation and other spans never carry loss."""
 
-    reasoning: float = Field(1.0, ge=0, description="loss weight of reasoning tokens")
-    action: float = Field(1.0, ge=0, description="loss weight of action tokens")
+    reasoning: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="loss weight of reasoning tokens")
+    action: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="loss weight of action tokens")
 
     @model_validator(mode="after")
     def _some_weight(self) -> SpanWeights:
@@ -293,20 +332,20 @@ class SpanWeights(_Strict):
         return self
 
 
-class SpanMarkers(_Strict):
+class SpanMarkers(SpecModel):
     """Line-start markers that open each span type in text trajectories."""
 
     reasoning: list[str] = Field(
         ["Thought:", "Reasoning:"],
-        description="line-start markers that open a reasoning span",
+        max_length=MAX_LIST, description="line-start markers that open a reasoning span",
     )
     action: list[str] = Field(
         ["Action:", "Answer:", "Final Answer:"],
-        description="line-start markers that open an action span",
+        max_length=MAX_LIST, description="line-start markers that open an action span",
     )
     observation: list[str] = Field(
         ["Observation:"],
-        description="line-start markers that open an observation span (never trained)",
+        max_length=MAX_LIST, description="line-start markers that open an observation span (never trained)",
     )
     think_tags: tuple[str, str] | None = Field(
         ("<think>", "</think>"),
@@ -314,7 +353,7 @@ class SpanMarkers(_Strict):
     )
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(SpecModel):
     """Where the teacher distribution comes from.
 
     `dataset`: top-k log-probs stored in each trajectory record (none stored → cross-entropy).
@@ -328,9 +367,9 @@ class TeacherSpec(_Strict):
     )
     model: str | None = Field(
         None,
-        description="with source 'model': a base model name or a finished checkpoint id",
+        max_length=400, description="with source 'model': a base model name or a finished checkpoint id",
     )
-    url: str | None = Field(None, description="with source 'sglang': the server's base URL")
+    url: str | None = Field(None, max_length=2000, description="with source 'sglang': the server's base URL")
     top_k: int = Field(20, ge=1, le=1000, description="teacher log-probs kept per position")
 
     @model_validator(mode="after")
@@ -357,7 +396,10 @@ class SADStage(StageBase):
         0.5, gt=0, lt=1,
         description="with divergence 'alpha': the alpha of the alpha-divergence",
     )
-    temperature: float = Field(1.0, gt=0, description="softmax temperature applied to teacher and student")
+    temperature: float = Field(
+        1.0, gt=0, le=MAX_COEF,
+        description="softmax temperature applied to teacher and student",
+    )
     tail_bucket: bool = Field(
         True,
         description="give the probability mass outside the teacher's top-k one shared bucket",
@@ -391,7 +433,7 @@ Stage = Annotated[
 # ---------------------------------------------------------------- sampling (serving, evals, decoding)
 
 
-class SamplingParams(_Strict):
+class SamplingParams(SpecModel):
     """How to pick tokens and when to stop, with OpenAI's names (``temperature`` 0 is greedy).
 
     The one sampling type of the service: the inference backends, eval jobs and trainer_core's
@@ -402,7 +444,10 @@ class SamplingParams(_Strict):
     temperature: float = Field(1.0, ge=0, le=2, description="softmax temperature; 0 picks the likeliest")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set with this mass")
     stop: tuple[str, ...] = Field((), max_length=4, description="strings that end the completion (left out)")
-    seed: int | None = Field(None, description="seed of the sampling generator; none draws fresh entropy")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description="seed of the sampling generator; none draws fresh entropy",
+    )
     n: int = Field(1, ge=1, le=16, description="completions per prompt")
     logprobs: bool = Field(False, description="report each generated token's log-probability")
     top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: likeliest alternatives per token")
@@ -425,10 +470,11 @@ class TokenLogprob:
 # ---------------------------------------------------------------- run
 
 
-class WandbIntegration(_Strict):
-    project: str = Field("tuneyard", description="Weights & Biases project")
+class WandbIntegration(SpecModel):
+    project: str = Field("tuneyard", max_length=200, description="Weights & Biases project")
     entity: str | None = Field(
-        None, description="Weights & Biases team or user; default: the account's default entity"
+        None, max_length=200,
+        description="Weights & Biases team or user; default: the account's default entity"
     )
     mode: Literal["online", "offline"] = Field(
         "offline",
@@ -436,44 +482,48 @@ class WandbIntegration(_Strict):
     )
 
 
-class MlflowIntegration(_Strict):
+class MlflowIntegration(SpecModel):
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking server; default: a local SQLite store in the run's folder"
+        None, max_length=2000,
+        description="MLflow tracking server; default: a local SQLite store in the run's folder"
     )
-    experiment: str = Field("tuneyard", description="MLflow experiment name")
+    experiment: str = Field("tuneyard", max_length=200, description="MLflow experiment name")
 
 
-class Integrations(_Strict):
+class Integrations(SpecModel):
     wandb: WandbIntegration | None = Field(None, description="log metrics to Weights & Biases")
     mlflow: MlflowIntegration | None = Field(None, description="log metrics to MLflow")
 
 
-class RunSpec(_Strict):
+class RunSpec(SpecModel):
     name: str | None = Field(None, max_length=200, description="a name for the run")
     base_model: str = Field(
         min_length=1,
-        description="a base model name, or a checkpoint id to continue from",
+        max_length=400, description="a base model name, or a checkpoint id to continue from",
     )
     adapter: Adapter = Field(
         LoraAdapter(),
         description="what trains: a LoRA adapter (default) or every weight",
     )
-    seed: int = Field(0, description="seed of every random choice (initialisation, data order, sampling)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED,
+        description="seed of every random choice (initialisation, data order, sampling)",
+    )
     stages: list[Stage] = Field(
         min_length=1, max_length=16,
         description="training stages, run in order, each starting from the previous one's weights",
     )
     checkpoint_every_steps: int | None = Field(
         200, ge=1,
-        description="write a resumable checkpoint every N optimizer steps (and at stage ends)",
+        le=MAX_STEPS, description="write a resumable checkpoint every N optimizer steps (and at stage ends)",
     )
     keep_checkpoints: int = Field(
         3, ge=1,
-        description="resumable checkpoints kept per stage (the best by eval_loss is kept too)",
+        le=1000, description="resumable checkpoints kept per stage (the best by eval_loss is kept too)",
     )
     export: list[Literal["adapter", "merged"]] = Field(
         ["adapter"],
-        description="what the finished run exports: the adapter, a merged model, or both",
+        max_length=2, description="what the finished run exports: the adapter, a merged model, or both",
     )
     integrations: Integrations = Field(Integrations(), description="experiment trackers to log metrics to")
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -39,6 +38,8 @@ from trainer_core.eval_metrics import (
     check_metrics,
 )
 from trainer_core.generation import eval_mode
+from trainer_core.losses.common import token_logps
+from trainer_core.methods.base import weighted_mean
 from trainer_core.rewards import get_reward
 
 
@@ -70,24 +71,19 @@ def _token_logps(
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
-    targets = labels[:, 1:].to(device)
-    mask = targets != IGNORE_INDEX
-    logps = -F.cross_entropy(
-        logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )  # [B, T-1]; clamp makes ignored targets a valid index, masked out below
-    return torch.where(mask, logps, torch.zeros_like(logps)), mask
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+    return token_logps(logits, labels[:, 1:].to(device))
 
 
 def _loss_metrics(
     model: nn.Module, examples: list[RenderedExample], pad_id: int, batch_size: int
 ) -> dict[str, float]:
-    total, count = 0.0, 0
+    parts = []
     for batch in _batches(examples, batch_size):
         logps, mask = _token_logps(model, batch, pad_id)
-        total -= float(logps.sum())
-        count += int(mask.sum())
-    loss = total / max(count, 1)
+        count = int(mask.sum())
+        parts.append(({"loss": -float(logps.sum()) / max(count, 1)}, count))
+    loss = weighted_mean(parts).get("loss", 0.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
@@ -130,9 +126,8 @@ def _scored_generations(
     num_samples: int,
     on_example: Callable[[], None],
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    totals = dict.fromkeys(rewards, 0.0)
+    parts: list[tuple[dict[str, float], float]] = []
     samples: list[dict[str, Any]] = []
-    scored = 0
     for index, record in enumerate(records):
         pair = prompt_and_answer(record)
         if pair is None:
@@ -141,17 +136,15 @@ def _scored_generations(
         out = decode(model, tokenizer, render_prompt(tokenizer, prompt), generation.for_sample(index),
                      eos_token_ids=eos_token_ids)
         scores = {name: float(get_reward(name)(out.text, answer)) for name in rewards}
-        for name, value in scores.items():
-            totals[name] += value
-        scored += 1
+        parts.append((scores, 1.0))
         if len(samples) < num_samples:
             samples.append(
                 {"prompt": _prompt_text(prompt), "completion": out.text, "answer": answer, "scores": scores}
             )
         on_example()
-    if not scored:
+    if not parts:
         raise ValueError("no record has a prompt to generate from (sft 'text' records have none)")
-    return {name: total / scored for name, total in totals.items()}, samples
+    return weighted_mean(parts), samples
 
 
 def evaluate(

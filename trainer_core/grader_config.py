@@ -26,9 +26,10 @@ import importlib.util
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from trainer_core.reward_config import REWARD_SPEC_CLASSES
+from trainer_core.spec_base import MAX_LIST, MAX_SEED, SpecModel
 
 TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _TEMPLATE_PATH = re.compile(r"(item|sample)(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -57,14 +58,10 @@ def check_template(text: str) -> str:
     return text
 
 
-Template = Annotated[str, Field(min_length=1), AfterValidator(check_template)]
+Template = Annotated[str, Field(min_length=1, max_length=64_000), AfterValidator(check_template)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _GraderBase(_Strict):
+class _GraderBase(SpecModel):
     # OpenAI requires a name; here it defaults to the type so a one-grader spec stays short.
     name: str | None = Field(
         None, min_length=1, max_length=64,
@@ -172,6 +169,7 @@ class PythonGrader(_GraderBase):
     # OpenAI's field; the sandbox here is the worker's own Python, so any value means "default".
     image_tag: str | None = Field(
         None,
+        max_length=200,
         description="accepted for OpenAI compatibility; the worker's sandbox runs every grader",
     )
     timeout_seconds: float = Field(5.0, gt=0, le=60, description="wall-clock limit per sample")
@@ -182,13 +180,13 @@ class PythonGrader(_GraderBase):
         return check_python_source(v)
 
 
-class JudgeMessage(_Strict):
+class JudgeMessage(SpecModel):
     type: Literal["message"] = Field("message", description="a chat message")
     role: Literal["system", "developer", "user", "assistant"] = Field(description="the message's role")
     content: Template = Field(description="template of the message text")
 
 
-class JudgeSamplingParams(_Strict):
+class JudgeSamplingParams(SpecModel):
     temperature: float | None = Field(
         None, ge=0, le=2,
         description="the judge's sampling temperature; default: the endpoint's",
@@ -197,7 +195,7 @@ class JudgeSamplingParams(_Strict):
         None, gt=0, le=1,
         description="the judge's nucleus mass; default: the endpoint's",
     )
-    seed: int | None = Field(None, description="the judge's sampling seed")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the judge's sampling seed")
     max_completions_tokens: int | None = Field(
         None, ge=1, le=32_768,
         description="most tokens of the judge's reply",
@@ -219,8 +217,11 @@ class ScoreModelGrader(_GraderBase):
     type: Literal["score_model"] = Field(
         description="an LLM judge; its reply's last number, clamped to range, is the score",
     )
-    model: str = Field(min_length=1, description="the judge model's name at the endpoint")
-    input: list[JudgeMessage] = Field(min_length=1, description="the messages sent to the judge")
+    model: str = Field(min_length=1, max_length=400, description="the judge model's name at the endpoint")
+    input: list[JudgeMessage] = Field(
+        min_length=1, max_length=MAX_LIST,
+        description="the messages sent to the judge",
+    )
     range: tuple[float, float] = Field((0.0, 1.0), description="the lowest and highest score")
     sampling_params: JudgeSamplingParams = Field(
         JudgeSamplingParams(),
@@ -228,7 +229,7 @@ class ScoreModelGrader(_GraderBase):
     )
     base_url: str | None = Field(
         None, pattern=r"^https?://",
-        description="an OpenAI-compatible API root; default: the worker's judge endpoint",
+        max_length=2000, description="an OpenAI-compatible API root; default: the worker's judge endpoint",
     )
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -268,7 +269,7 @@ class RewardModelGrader(_GraderBase):
     """Scores prompt + completion with a ``reward_model`` checkpoint (the raw scalar head output)."""
 
     type: Literal["reward_model"] = Field(description="a reward_model checkpoint scores prompt + completion")
-    model: str = Field(min_length=1, description="a checkpoint id of kind reward_model")
+    model: str = Field(min_length=1, max_length=400, description="a checkpoint id of kind reward_model")
     batch_size: int = Field(16, ge=1, le=1024, description="completions scored per forward pass")
 
 

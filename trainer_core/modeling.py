@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter
 from trainer_core.data import IGNORE_INDEX
+from trainer_core.staging import staged_folder
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -83,18 +84,17 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
 
     Written under a temporary name and renamed, so a crash never leaves a half-written folder.
     """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, PeftModel):
-        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
-    else:
-        model.save_pretrained(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

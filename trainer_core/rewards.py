@@ -20,6 +20,12 @@ then the first of these that is present wins: the last ``\\boxed{...}``, the tex
 ``####``, the text after the last ``Answer:`` (case-insensitive, up to the end of that line);
 otherwise the whole text. Normalisation: strip, lowercase, collapse whitespace, strip trailing
 punctuation (``.,;:!?``).
+
+User patterns (``regex``, ``format``) run on the ``regex`` engine with a time bound and without
+holding the GIL: a catastrophically backtracking pattern such as ``(.+)+\u2603`` ends the run with a
+TrainingDataError naming it, instead of spinning forever and starving the worker's heartbeat.
+Errors caused by the data or the spec (a record without the answer a reward needs) are
+TrainingDataErrors too: retrying cannot fix them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import regex as user_regex
+
+from trainer_core.errors import TrainingDataError
+
 RewardFn = Callable[..., float]
 CombinedRewardFn = Callable[[str, "str | None"], tuple[float, dict[str, float]]]
 
@@ -39,6 +49,7 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"answer\s*:(.*)", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _TRAILING_PUNCTUATION = ".,;:!?"
+PATTERN_TIMEOUT_SECONDS = 1.0  # per completion: linear patterns take microseconds
 
 
 def _last_boxed(text: str) -> str | None:
@@ -81,7 +92,7 @@ def normalize_answer(text: str) -> str:
 def _need_answer(name: str, answer: str | None) -> str:
     """Return ``answer``, or raise: these rewards compare against a reference answer."""
     if answer is None:
-        raise ValueError(f"reward {name!r} needs a reference answer; the prompt record has no 'answer'")
+        raise TrainingDataError(f"reward {name!r} needs a reference answer; a prompt record has no 'answer'")
     return answer
 
 
@@ -109,16 +120,29 @@ def numeric_match(completion: str, answer: str | None, *, tolerance: float = 1e-
     """
     reference = _last_number(extract_final_answer(_need_answer("numeric_match", answer)))
     if reference is None:
-        raise ValueError(f"reward 'numeric_match' found no number in the reference answer {answer!r}")
+        raise TrainingDataError(f"reward 'numeric_match' found no number in the reference answer {answer!r}")
     predicted = _last_number(extract_final_answer(completion))
     if predicted is None:
         return 0.0
     return float(math.isclose(predicted, reference, rel_tol=tolerance, abs_tol=tolerance))
 
 
+def _match_user_pattern(name: str, pattern: str, completion: str, whole: bool) -> bool:
+    """Returns whether a user pattern matches; raises TrainingDataError if it runs past its time bound."""
+    match = user_regex.fullmatch if whole else user_regex.search
+    flags = user_regex.DOTALL if whole else 0
+    try:
+        return match(pattern, completion, flags, timeout=PATTERN_TIMEOUT_SECONDS, concurrent=True) is not None
+    except TimeoutError:
+        raise TrainingDataError(
+            f"reward {name!r}: pattern {pattern!r} took over {PATTERN_TIMEOUT_SECONDS:g} s on one "
+            f"{len(completion)}-character completion (catastrophic backtracking, e.g. a nested quantifier "
+            "like (.+)+); rewrite it without nested or overlapping repetition") from None
+
+
 def regex(completion: str, answer: str | None, *, pattern: str) -> float:
     """Return 1.0 when ``pattern`` is found in the completion (``re.search``), else 0.0."""
-    return float(re.search(pattern, completion) is not None)
+    return float(_match_user_pattern("regex", pattern, completion, whole=False))
 
 
 def contains(completion: str, answer: str | None, *, text: str | None = None) -> float:
@@ -126,14 +150,14 @@ def contains(completion: str, answer: str | None, *, text: str | None = None) ->
     needle = text if text is not None else _need_answer("contains", answer)
     normalized_needle = " ".join(needle.lower().split())
     if not normalized_needle:
-        raise ValueError("reward 'contains' needs a non-empty text to look for")
+        raise TrainingDataError("reward 'contains' needs a non-empty text to look for")
     return float(normalized_needle in " ".join(completion.lower().split()))
 
 
 def format_reward(completion: str, answer: str | None, *, pattern: str | None = None) -> float:
     """Return 1.0 when the whole completion matches ``pattern`` (default: think block then answer)."""
     layout = DEFAULT_FORMAT_PATTERN if pattern is None else pattern
-    return float(re.fullmatch(layout, completion, re.DOTALL) is not None)
+    return float(_match_user_pattern("format", layout, completion, whole=True))
 
 
 def length_penalty(
@@ -171,8 +195,8 @@ def _check_params(name: str, fn: RewardFn, params: Mapping[str, Any]) -> None:
     pattern = params.get("pattern")
     if pattern is not None:
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            user_regex.compile(pattern)
+        except user_regex.error as exc:
             raise ValueError(f"reward {name!r}: pattern {pattern!r} is not a valid regex: {exc}") from None
 
 

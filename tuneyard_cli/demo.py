@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tuneyard_cli.client import checked, client
+from tuneyard_cli.http import checked, client
 
 DEMO_RECORDS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                               {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
@@ -44,7 +44,5 @@ def run_demo(url: str, key: str | None, base_model: str, wait_seconds: float = 1
                         "batch_size": 4, "max_seq_len": 64, "learning_rate": 1e-3}],
             "checkpoint_every_steps": 10, "keep_checkpoints": 2, "export": ["adapter"]}
     run = checked(api.post("/v1/runs", json=spec))
-    env = f"TUNEYARD_URL={url} " + (f"TUNEYARD_API_KEY={key} " if key else "")
-    print(f"\ndemo run {run['id']} submitted (SFT, 30 steps on {base_model}). Follow it with:\n"
-          f"  {env}tuneyard runs follow {run['id']}\n  or open {url}/ in a browser")
+    print(f"demo run {run['id']} submitted (SFT, 30 steps on {base_model})")
     return run["id"]

@@ -1,28 +1,25 @@
-"""The `tuneyard` command: migrate, api, worker, keys, models, up (the embedded all-in-one)."""
+"""The `tuneyard` command: migrate, api, worker, reaper, keys, models (init-tiny, add, list) and up
+(tuneyard_cli.up); the HTTP client commands come from tuneyard_cli.client."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 from pydantic import ValidationError
 
 from app.settings import Settings, get_settings
+from tuneyard_cli import serving
+from tuneyard_cli.client import add_commands
+from tuneyard_cli.http import unreachable
 
 TINY_MODEL = "tiny-llama"
 ALL_QUEUES = "train,cpu,eval"
-# `up` runs one worker for every queue: with two pool processes, a training run in one leaves the
-# other free for dataset validation and evals (each task still gets a fresh process, one
-# prefetched message per process). Two runs submitted together may then train side by side;
-# production workers take `train` with one process per GPU.
-EMBEDDED_CONCURRENCY = 2
 
 
 def load_settings() -> Settings:
@@ -47,11 +44,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.server import serve
 
-    uvicorn.run("app.main:build_app", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, log_config=None, access_log=False,
-                limit_concurrency=settings.api_max_concurrency)
+    serve(settings, args.host or settings.host, args.port or settings.port)
     return 0
 
 
@@ -71,10 +66,22 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def require_database(settings: Settings) -> None:
+    """Returns when the settings' database exists; exits with one line (and creates nothing) otherwise."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise SystemExit(f"tuneyard: no Tuneyard database at {url.database} — run this in the folder where "
+                         "`tuneyard up` runs (it keeps .tuneyard/ there), set TUNEYARD_DATA_DIR, or create "
+                         "one with `tuneyard migrate`")
+
+
 def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     from app.db.session import make_session_factory
     from app.services.auth import create_api_key
 
+    require_database(settings)
     with make_session_factory(settings)() as session:
         team, key = create_api_key(session, args.team, args.name or "")
     print(f"team {team.name} ({team.id}); API key (shown once, store it now):\n{key}")
@@ -88,6 +95,7 @@ def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
     from app.db.session import make_session_factory
     from app.services.auth import list_keys
 
+    require_database(settings)
     with make_session_factory(settings)() as session:
         team_id = session.scalar(select(Team.id).where(Team.name == args.team)) if args.team else None
         if args.team and team_id is None:
@@ -106,6 +114,7 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     from app.errors import NotFound
     from app.services.auth import revoke_key
 
+    require_database(settings)
     with make_session_factory(settings)() as session:
         try:
             key = revoke_key(session, args.key_id)
@@ -141,6 +150,25 @@ def cmd_models_init_tiny(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_add(settings: Settings, args: argparse.Namespace) -> int:
+    from app.services.models import check_model_folder, folder_facts, register_model
+
+    folder = Path(args.path)
+    name = args.name or folder.resolve().name
+    check = check_model_folder(folder)
+    for warning in check.warnings:
+        print(f"warning: {warning}")
+    try:
+        target = register_model(settings, folder, name, copy=args.copy)
+    except ValueError as exc:
+        raise SystemExit(f"tuneyard: {exc}") from None
+    facts = folder_facts(target)
+    size = f"{facts.parameters / 1e6:.1f}M parameters" if facts.parameters else f"{facts.size_bytes} bytes"
+    print(f"base model {name!r} ({facts.architecture}, {size}) at {target}"
+          f"{'' if args.copy else f' -> {folder.resolve()}'}; use it as \"base_model\": \"{name}\"")
+    return 0
+
+
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
     from app.jobs.reaper import run_reaper_forever
     from worker.webhooks import start_deliverer
@@ -150,17 +178,6 @@ def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_start_key(settings: Settings) -> str | None:
-    from app.db.session import make_session_factory
-    from app.services.auth import DEFAULT_TEAM, create_api_key, team_count
-
-    with make_session_factory(settings)() as session:
-        if team_count(session):
-            return None
-        _, key = create_api_key(session, DEFAULT_TEAM, "created by tuneyard up")
-        return key
-
-
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -168,77 +185,9 @@ def _redact(url: str) -> str:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from app.db.migrate import migrate
+    from tuneyard_cli.up import cmd_up as up
 
-    migrate(settings.database_url)
-    try:
-        init_tiny_model(settings)
-    except ImportError as exc:
-        print(f"warning: could not build the tiny base model ({exc}); run `tuneyard models init-tiny`",
-              file=sys.stderr)
-    me = [sys.executable, "-m", "tuneyard_cli"]
-    children = {
-        "api": subprocess.Popen([*me, "api"]),
-        "worker": subprocess.Popen([*me, "worker", "--queues", ALL_QUEUES,
-                                    "--concurrency", str(EMBEDDED_CONCURRENCY)]),
-        "reaper": subprocess.Popen([*me, "reaper"]),
-    }
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"\nTuneyard is starting at {url}  (data in {settings.data_dir})")
-    key: str | None = None
-    if not settings.auth_enabled:
-        print("authentication is OFF: no key needed (never expose this server)")
-    elif key := _first_start_key(settings):
-        print(f"API key for team 'default' (key shown once, store it now):\n  {key}")
-        print(f"  curl -H 'Authorization: Bearer {key}' {url}/v1/datasets")
-    else:
-        print("use the key printed at first start, or create one: tuneyard keys create --team NAME")
-    if getattr(args, "demo", False):
-        from tuneyard_cli.demo import run_demo
-
-        run_demo(url, key or _demo_key(settings), TINY_MODEL)
-    return _supervise(children)
-
-
-def _demo_key(settings: Settings) -> str | None:
-    """Returns a fresh key of the default team for the demo (None when authentication is off)."""
-    if not settings.auth_enabled:
-        return None
-    from app.db.session import make_session_factory
-    from app.services.auth import DEFAULT_TEAM, create_api_key
-
-    with make_session_factory(settings)() as session:
-        return create_api_key(session, DEFAULT_TEAM, "tuneyard up --demo")[1]
-
-
-def _supervise(children: dict[str, subprocess.Popen]) -> int:
-    """Waits until Ctrl-C/SIGTERM or a child exits, then stops every child (SIGTERM, then SIGKILL)."""
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = 0
-    while not stopping:
-        for name, child in children.items():
-            if child.poll() is not None:
-                print(f"{name} exited with {child.returncode}; stopping", file=sys.stderr)
-                code, stopping = child.returncode or 1, True
-        time.sleep(0.5)
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for child in children.values():
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    return code
+    return up(settings, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,23 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = models.add_parser("init-tiny", help="build the tiny local base model into the base-models dir")
     tiny.add_argument("--name", default=TINY_MODEL)
     tiny.set_defaults(run=cmd_models_init_tiny)
+    add = models.add_parser("add", help="check a Hugging Face model folder and make it a base model")
+    add.add_argument("path", help="the folder (config.json, weights, tokenizer)")
+    add.add_argument("--name", help="base_model name, e.g. Qwen/Qwen2.5-0.5B-Instruct (default: folder name)")
+    add.add_argument("--copy", action="store_true", help="copy the folder instead of linking to it")
+    add.set_defaults(run=cmd_models_add)
+    models.add_parser("list", help="list base models (with architecture and size) and your checkpoints") \
+        .set_defaults(run=lambda _settings, args: serving.cmd_models_list(args))
     sub.add_parser("reaper", help="re-queue stale and unclaimed runs, forever").set_defaults(run=cmd_reaper)
     up = sub.add_parser("up", help="embedded all-in-one: migrate, tiny model, API + worker + reaper")
+    up.add_argument("--host", help="API bind address (default TUNEYARD_HOST or 127.0.0.1)")
+    up.add_argument("--port", type=int, help="API port (default TUNEYARD_PORT or 8000)")
     up.add_argument("--demo", action="store_true",
-                    help="then upload a small dataset and submit a short SFT run")
+                    help="on the first start, upload a small dataset and submit a short SFT run")
     up.set_defaults(run=cmd_up)
-    from tuneyard_cli.client import add_commands
-
     add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; the usual mistakes end in one line on stderr, never a traceback."""
     args = build_parser().parse_args(argv)
     settings = load_settings()
-    if args.command in ("api", "worker", "up", "reaper"):
+    if args.command in ("api", "worker", "reaper"):
         from app.observability import configure_logging
 
         configure_logging(settings.log_json)
-    return args.run(settings, args)
+    try:
+        return args.run(settings, args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except httpx.TransportError as exc:
+        print(unreachable(exc), file=sys.stderr)
+        return 1
 

@@ -9,19 +9,17 @@ claim and returns at once; an attempt that lost its lease has its writes refused
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from functools import cache
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Eval, Team, utcnow
+from app.db.models import Eval, Team
 from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import resolve_model
-from app.jobs.lease import Lease, StaleAttempt, claim, end_attempt, fence
+from app.jobs.lease import StaleAttempt, end_attempt, fence, take
 from app.jobs.states import EVAL
 from app.schemas.evals import EvalCreate, EvalResults, ModelResult
 from app.services.datasets import usable_dataset
@@ -48,18 +46,10 @@ def run_eval(eval_id: str) -> str:
 def execute_claimed_eval(eval_id: str, *, settings: Settings, sessions: sessionmaker[Session],
                          store: LocalBlobStore) -> str:
     """Returns succeeded|failed, or skipped (not claimable) or superseded (lost its lease)."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    with sessions() as session:
-        claimed = claim(session, EVAL, eval_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
-                        max_attempts=settings.max_attempts)
-        if claimed is None:
-            row = session.get(Eval, eval_id)
-            log.info("eval %s: not claimed (%s); this delivery exits", eval_id,
-                     f"{row.status}, attempt {row.attempt}" if row else "no such eval")
-            return "skipped"
-    log.info("eval %s: attempt %d claimed by %s", eval_id, claimed.attempt, owner)
-    lease = Lease(sessions, EVAL, eval_id, claimed.attempt,
-                  heartbeat_seconds=settings.heartbeat_seconds).start()
+    taken = take(sessions, EVAL, eval_id, settings)
+    if taken is None:
+        return "skipped"
+    claimed, lease = taken
     try:
         return execute_eval(sessions, settings, store, eval_id, claimed.attempt)
     except StaleAttempt:

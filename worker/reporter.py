@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from app.db.models import Checkpoint, RunStage, utcnow
 from app.jobs.lease import Claim, Lease, add_event, fence
 from app.jobs.states import RUN
 from app.services.checkpoints import MANIFEST, mark_checkpoint_removed, register_checkpoint
-from app.services.metrics import MetricPoint, upsert_metrics
+from app.services.metrics import ETA_WINDOW, MetricPoint, seconds_per_step, upsert_metrics
 from trainer_core.reporting import CheckpointInfo
 
 log = logging.getLogger("tuneyard.worker.reporter")
@@ -99,6 +100,8 @@ class DbReporter:
         self._last_flush = time.monotonic()
         # Latest train and eval values per stage: the "metrics at that step" of exports.
         self.latest: dict[int, dict[str, float | None]] = {}
+        # The newest train (step, reported at) per stage: the stage's speed for the ETA.
+        self._recent: dict[int, deque[tuple[int, datetime]]] = {}
 
     # ------------------------------------------------------------ Reporter protocol
 
@@ -205,8 +208,12 @@ class DbReporter:
             for p in points:
                 if p.split == "train":
                     furthest[p.stage_index] = max(furthest.get(p.stage_index, 0), p.step)
+                    self._recent.setdefault(p.stage_index, deque(maxlen=ETA_WINDOW)).append(
+                        (p.step, p.created_at))
             for index, step in furthest.items():
-                self._update_stage(session, index, {"status": "running", "step": step})
+                speed = seconds_per_step(list(self._recent[index]))
+                self._update_stage(session, index, {"status": "running", "step": step,
+                                                    "seconds_per_step": speed})
             session.commit()
 
     def blob_key(self, path: Path) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +26,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import create_celery, send_task
-from app.db.models import Dataset, Run, Team, utcnow
+from app.db.models import Dataset, Run, Team
 from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import find_model
-from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, claim, end_attempt, requeue_attempt
+from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, end_attempt, requeue_attempt, take
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
 from app.settings import Settings, get_settings
-from app.storage import LocalBlobStore
+from app.storage import LocalBlobStore, is_disk_full
 from trainer_core.config import RunSpec
 from trainer_core.errors import GraderFailure, TrainingDataError
 from trainer_core.grader_config import RewardModelGrader
@@ -49,6 +48,11 @@ log = logging.getLogger("tuneyard.worker.runs")
 
 OOM_ADVICE = ("out of memory: lower batch_size or max_seq_len (raise gradient_accumulation to keep the "
               "effective batch), or use a smaller base model")
+
+
+STORAGE_FULL_ADVICE = ("the storage volume filled up while the run wrote a checkpoint; the partial folder "
+                       "was removed and earlier checkpoints are kept: resume the run "
+                       "(POST /v1/runs/{id}/resume) once space is freed")
 
 
 @dataclass(frozen=True)
@@ -79,21 +83,14 @@ def train_run(run_id: str) -> str:
 def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
                 celery: Celery, pipeline: Callable[..., Any] | None = None) -> str:
     """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    taken = take(sessions, RUN, run_id, settings)
+    if taken is None:
+        return "skipped"
+    claimed, lease = taken
     with sessions() as session:
-        claimed = claim(session, RUN, run_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
-                        max_attempts=settings.max_attempts)
-        if claimed is None:
-            run = session.get(Run, run_id)
-            log.info("run %s: not claimed (%s); this delivery exits", run_id,
-                     f"{run.status}, attempt {run.attempt}" if run else "no such run")
-            return "skipped"
         run = session.get(Run, run_id)
         assert run is not None
         spec_json, team_id, num_stages = run.spec, run.team_id, len(run.stages)
-    log.info("run %s: attempt %d claimed by %s", run_id, claimed.attempt, owner)
-    lease = Lease(sessions, RUN, run_id, claimed.attempt,
-                  heartbeat_seconds=settings.heartbeat_seconds).start()
     reporter = DbReporter(sessions, store.root, claimed, team_id, lease, num_stages=num_stages)
     work_dir = store.path_for(work_dir_key(run_id))
     try:
@@ -125,6 +122,10 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
     except Exception as exc:
         if is_out_of_memory(exc):
             return _fail(sessions, claimed, reporter, "out_of_memory", f"{OOM_ADVICE} ({exc})")
+        if is_disk_full(exc):
+            # Retrying would only fill the disk again: the operator has to free space first.
+            log.error("run %s: storage full: %s", run_id, exc)
+            return _fail(sessions, claimed, reporter, "storage_full", STORAGE_FULL_ADVICE.format(id=run_id))
         log.exception("run %s: attempt %d hit a system error", run_id, claimed.attempt)
         return _retry_or_fail(sessions, celery, claimed, reporter, exc)
     finally:

@@ -143,6 +143,9 @@ class RunStage(Base):
     status: Mapped[str] = mapped_column(String(20), default="pending")
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None]
+    # Recent training speed (over the last ETA_WINDOW reported train steps), kept by the reporter:
+    # a status request computes the ETA from the stage rows alone.
+    seconds_per_step: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 

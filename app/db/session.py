@@ -47,7 +47,9 @@ def create_db_engine(database_url: str) -> Engine:
         return engine
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+    # No pre-ping: a round trip per checkout is a third of a status poll; recycling retires old
+    # connections and a dead one fails one request, which the client retries.
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=False, pool_recycle=1800)
 
 
 def make_session_factory(settings: Settings) -> sessionmaker[Session]:

@@ -9,6 +9,8 @@ the reaper or a newer claim took the job, so nothing of this attempt may land.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Event, Run, UTCDateTime, utcnow
 from app.jobs.states import RUN, JobKind, after_move
+from app.settings import Settings
 
 log = logging.getLogger("tuneyard.jobs.lease")
 
@@ -79,6 +82,24 @@ def claim(session: Session, kind: JobKind, job_id: str, owner: str, now: datetim
                   {"owner": owner})
     session.commit()
     return Claim(kind, job_id, attempt, reason)
+
+
+def take(sessions: sessionmaker[Session], kind: JobKind, job_id: str,
+         settings: Settings) -> tuple[Claim, Lease] | None:
+    """Returns this process's claim of the job and its started lease; None (logged) when the job is
+    held, finished or out of attempts — a message delivered twice, or re-sent, ends there."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    with sessions() as session:
+        claimed = claim(session, kind, job_id, owner, utcnow(), lease_seconds=settings.lease_seconds,
+                        max_attempts=settings.max_attempts)
+        if claimed is None:
+            row = session.get(kind.model, job_id)
+            log.info("%s %s: not claimed (%s); this delivery exits", kind.name, job_id,
+                     f"{row.status}, attempt {row.attempt}" if row else f"no such {kind.name}")
+            return None
+    log.info("%s %s: attempt %d claimed by %s", kind.name, job_id, claimed.attempt, owner)
+    lease = Lease(sessions, kind, job_id, claimed.attempt, heartbeat_seconds=settings.heartbeat_seconds)
+    return claimed, lease.start()
 
 
 def _resume_reason(session: Session, run_id: str) -> str:

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from app.deps import CurrentTeam, SessionDep, StoreDep
 from app.errors import error_responses
 from app.schemas.checkpoints import CheckpointOut
-from app.schemas.common import MAX_PAGE, ListPage
+from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.services import checkpoints as service
 
 router = APIRouter(tags=["checkpoints"])
@@ -21,7 +21,7 @@ router = APIRouter(tags=["checkpoints"])
 def list_checkpoints(
     run_id: str, session: SessionDep, team: CurrentTeam,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Cursor = None,
 ) -> ListPage[CheckpointOut]:
     return service.list_checkpoints(session, team, run_id, limit=limit, after=after)
 

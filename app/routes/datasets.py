@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from app.db.models import Dataset
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, StoreDep
 from app.errors import error_responses
-from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
+from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.schemas.datasets import DatasetDeleted, DatasetOut, DatasetPreview
 from app.services import datasets as service
 from app.services.owned import get_owned
@@ -57,7 +57,7 @@ async def upload_dataset(
 def list_datasets(
     session: SessionDep, team: CurrentTeam,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    after: Cursor = None,
 ) -> ListPage[DatasetOut]:
     return service.list_datasets(session, team, limit=limit, after=after)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from app.db.models import Eval
 from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, StoreDep
 from app.errors import error_responses
-from app.schemas.common import MAX_PAGE, ListPage
+from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.schemas.evals import EvalCreate, EvalOut
 from app.services import evals as service
 from app.services.owned import get_owned
@@ -34,7 +34,7 @@ def list_evals(
     session: SessionDep,
     team: CurrentTeam,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Cursor = None,
 ) -> ListPage[EvalOut]:
     return service.list_evals(session, team, limit=limit, after=after)
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
-from app.db.models import Run
-from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep
+from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, SnapshotsDep
 from app.errors import error_responses
-from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, ListPage
+from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.schemas.runs import EventOut, RunOut, RunStatus
 from app.services import runs as service
-from app.services.owned import get_owned
 from trainer_core.config import RunSpec
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -35,26 +33,30 @@ def list_runs(
     session: SessionDep, team: CurrentTeam,
     status: RunStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
-    after: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    after: Cursor = None,
 ) -> ListPage[RunOut]:
     return service.list_runs(session, team, status=status, limit=limit, after=after)
 
 
 @router.get("/{run_id}", response_model=RunOut, responses=error_responses(401, 404))
-def get_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
-    return service.run_out(get_owned(session, Run, team, run_id))
+async def get_run(run_id: str, request: Request, team: CurrentTeam) -> Response:
+    # async and answered from the snapshot cache on most polls: no thread hop, no query, and no
+    # dependency beyond the team (each costs this, the most polled route, measurable CPU)
+    state = request.app.state
+    return Response(await service.run_json(state.sessions, state.snapshots, team, run_id),
+                    media_type="application/json")
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, responses=error_responses(401, 404, 409))
-def cancel_run(run_id: str, session: SessionDep, team: CurrentTeam) -> RunOut:
-    return service.run_out(service.cancel_run(session, team, run_id))
+def cancel_run(run_id: str, session: SessionDep, snapshots: SnapshotsDep, team: CurrentTeam) -> RunOut:
+    return service.run_out(service.cancel_run(session, snapshots, team, run_id))
 
 
 @router.post("/{run_id}/resume", response_model=RunOut, responses=error_responses(401, 404, 409))
-def resume_run(run_id: str, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
-               team: CurrentTeam) -> RunOut:
+def resume_run(run_id: str, session: SessionDep, snapshots: SnapshotsDep, settings: SettingsDep,
+               celery: CeleryDep, team: CurrentTeam) -> RunOut:
     """Queues a failed or cancelled run again; it continues from its last complete checkpoint."""
-    return service.run_out(service.resume_run(session, settings, celery, team, run_id))
+    return service.run_out(service.resume_run(session, snapshots, settings, celery, team, run_id))
 
 
 @router.get("/{run_id}/events", response_model=ListPage[EventOut], responses=error_responses(401, 404, 422))

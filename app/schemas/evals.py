@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainer_core.config import SamplingParams
 from trainer_core.eval_metrics import EVAL_SAMPLING, EVAL_SAMPLING_DEFAULTS
+from trainer_core.spec_base import InputModel
 
 EvalStatus = Literal["queued", "running", "succeeded", "failed"]
 
 
-class EvalCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EvalCreate(InputModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    models: list[str] = Field(min_length=1, max_length=8, description="base model names or checkpoint ids")
-    dataset_id: str = Field(min_length=1)
-    metrics: list[str] = Field(min_length=1, max_length=16)
+    models: list[Annotated[str, Field(min_length=1, max_length=400)]] = Field(
+        min_length=1, max_length=8, description="base model names or checkpoint ids")
+    dataset_id: str = Field(min_length=1, max_length=64)
+    metrics: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
     generation: SamplingParams = Field(
         EVAL_SAMPLING,
         description="generation for metrics scored on completions; fields left out take the eval defaults "

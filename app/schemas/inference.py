@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from trainer_core.spec_base import MAX_SEED, InputModel
+
 MAX_STOP = 4
+MAX_MESSAGES = 1024
+MAX_PROMPTS = 64
 
 
-class _Request(BaseModel):
+class _Request(InputModel):
     # OpenAI clients send fields this server does not act on (user, presence_penalty=0 ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=400)
     max_tokens: int | None = Field(None, ge=1, le=32768)
@@ -19,7 +23,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
 
     @field_validator("stop")
@@ -33,13 +37,13 @@ class _Request(BaseModel):
         return stops
 
 
-class TextPart(BaseModel):
+class TextPart(InputModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(InputModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -52,14 +56,14 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
     logprobs: int | None = Field(None, ge=0, le=20, description="number of alternatives per token")
     echo: Literal[False] = False
 

@@ -89,8 +89,7 @@ def revoke_key(session: Session, key_id: str, team_id: str | None = None) -> Api
 @dataclass(frozen=True)
 class KeyEntry:
     key_id: str
-    team_id: str
-    team_name: str
+    team: Team  # transient (in no session): handlers read its id and name, so it is shared
     expires: float  # time.monotonic() after which the key is looked up again
 
 
@@ -110,7 +109,7 @@ class KeyCache:
         return entry
 
     def put(self, key_hash: str, key_id: str, team_id: str, team_name: str) -> KeyEntry:
-        entry = KeyEntry(key_id, team_id, team_name, time.monotonic() + self.ttl)
+        entry = KeyEntry(key_id, Team(id=team_id, name=team_name), time.monotonic() + self.ttl)
         if self.ttl > 0:
             with self._lock:
                 if len(self._entries) > 10_000:  # bounded: drop what expired

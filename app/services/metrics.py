@@ -12,15 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
+import orjson
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Metric, MetricSeriesName, Run
-from app.schemas.metrics import MetricSeries, MetricSeriesList, ProgressOut
+from app.db.models import Metric, MetricSeriesName, Run, Team
+from app.ids import is_id
+from app.schemas.metrics import MetricSeriesList, ProgressOut
+from app.services.owned import not_found
+from app.services.snapshots import SnapshotCache, run_version
 
 POINT_COLUMNS = ["step", "value", "min", "max"]
 ETA_WINDOW = 20  # recent train steps whose timing gives the ETA
@@ -38,7 +43,9 @@ class MetricPoint:
 def upsert_metrics(session: Session, run_id: str, points: list[MetricPoint]) -> None:
     """Writes points keyed by (run, stage, step, split); a point written again replaces the old values.
 
-    The series catalog gets any (stage, split, name) it did not have in the same transaction.
+    The series catalog gets any (stage, split, name) it did not have in the same transaction. Both
+    writes are statements compiled once per dialect and run with many parameter sets (a multi-row
+    VALUES built per batch was compiled afresh every time: 2.3x slower, bench/README.md).
     """
     if not points:
         return
@@ -46,17 +53,23 @@ def upsert_metrics(session: Session, run_id: str, points: list[MetricPoint]) -> 
     unique = {(p.stage_index, p.step, p.split): p for p in points}
     rows = [{"run_id": run_id, "stage_index": p.stage_index, "step": p.step, "split": p.split,
              "values": p.values, "created_at": p.created_at} for p in unique.values()]
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(Metric).values(rows)
-    stmt = stmt.on_conflict_do_update(
+    names = sorted({(p.stage_index, p.split, name) for p in unique.values() for name in p.values})
+    metrics_upsert, catalog_insert = _upserts(session.get_bind().dialect.name)
+    session.execute(metrics_upsert, rows)
+    if names:
+        session.execute(catalog_insert, [{"run_id": run_id, "stage_index": i, "split": split, "name": name}
+                                         for i, split, name in names])
+
+
+@cache
+def _upserts(dialect: str) -> tuple[Any, Any]:
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    upsert = insert(Metric.__table__)
+    upsert = upsert.on_conflict_do_update(
         index_elements=["run_id", "stage_index", "step", "split"],
-        set_={"values": stmt.excluded["values"], "created_at": stmt.excluded.created_at},
+        set_={"values": upsert.excluded["values"], "created_at": upsert.excluded.created_at},
     )
-    session.execute(stmt)
-    names = {(p.stage_index, p.split, name) for p in unique.values() for name in p.values}
-    session.execute(insert(MetricSeriesName).values(
-        [{"run_id": run_id, "stage_index": i, "split": split, "name": name}
-         for i, split, name in sorted(names)]).on_conflict_do_nothing())
+    return upsert, insert(MetricSeriesName.__table__).on_conflict_do_nothing()
 
 
 def _filters(run_id: str, stage: int | None, split: str | None, after_step: int | None) -> list[Any]:
@@ -86,6 +99,15 @@ def query_series(session: Session, run_id: str, *, stage: int | None = None, spl
                  names: list[str] | None = None, after_step: int | None = None,
                  max_points: int = 1000) -> MetricSeriesList:
     """Returns the run's metric series, each with at most `max_points` points (see the module doc)."""
+    return MetricSeriesList.model_validate(series_object(
+        session, run_id, stage=stage, split=split, names=names, after_step=after_step, max_points=max_points))
+
+
+def series_object(session: Session, run_id: str, *, stage: int | None = None, split: str | None = None,
+                  names: list[str] | None = None, after_step: int | None = None,
+                  max_points: int = 1000) -> dict[str, Any]:
+    """Returns `query_series` as the plain JSON object (no model on the way: a chart's first load
+    is 13 series of 1,000 points)."""
     found = series_names(session, run_id, stage, split)
     if names:
         wanted = set(names)
@@ -93,7 +115,7 @@ def query_series(session: Session, run_id: str, *, stage: int | None = None, spl
     groups: dict[tuple[int, str], list[str]] = {}
     for i, sp, name in found:
         groups.setdefault((i, sp), []).append(name)
-    data: list[MetricSeries] = []
+    data: list[dict[str, Any]] = []
     for (stage_index, split_name), group_names in sorted(groups.items()):
         span = session.execute(select(func.min(Metric.step), func.max(Metric.step), func.count()).where(
             and_(*_filters(run_id, stage_index, split_name, after_step)))).one()
@@ -104,9 +126,45 @@ def query_series(session: Session, run_id: str, *, stage: int | None = None, spl
         points = _bucket_points(session, run_id, stage_index, split_name, group_names, after_step, low, width)
         for name, series_points in zip(group_names, points, strict=True):
             if series_points:
-                data.append(MetricSeries(name=name, stage_index=stage_index, split=split_name,
-                                         points=series_points, downsampled=count > len(series_points)))
-    return MetricSeriesList(data=data, columns=POINT_COLUMNS)
+                data.append({"object": "metric.series", "name": name, "stage_index": stage_index,
+                             "split": split_name, "points": series_points,
+                             "downsampled": count > len(series_points)})
+    return {"object": "list", "columns": POINT_COLUMNS, "data": data}
+
+
+async def metrics_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str,
+                       query: SeriesQuery) -> bytes:
+    """Returns the JSON of `query_series` for the team's run, from the snapshot cache while the run
+    has not moved (see app.services.snapshots) — a finished run's chart is computed once."""
+    return await cache.answer(run_id, query, team.id,
+                              lambda: _load_metrics_json(sessions, cache, team, run_id, query))
+
+
+@dataclass(frozen=True)
+class SeriesQuery:
+    stage: int | None = None
+    split: str | None = None
+    names: tuple[str, ...] | None = None
+    after_step: int | None = None
+    max_points: int = 1000
+
+
+def _load_metrics_json(sessions: sessionmaker[Session], cache: SnapshotCache, team: Team, run_id: str,
+                       query: SeriesQuery) -> bytes:
+    with sessions() as session:
+        found = run_version(session, run_id) if is_id(run_id, "run") else None
+        if found is None or found[0] != team.id:
+            raise not_found(Run, run_id)
+        cache.remember_owner(run_id, team.id)
+        version = found[1]
+        if (body := cache.stale(run_id, query, version)) is not None:
+            return body
+        series = series_object(session, run_id, stage=query.stage, split=query.split,
+                               names=list(query.names) if query.names else None, after_step=query.after_step,
+                               max_points=query.max_points)
+    body = orjson.dumps(series)
+    cache.put(run_id, query, body, version)
+    return body
 
 
 def _bucket_points(session: Session, run_id: str, stage: int, split: str, names: list[str],
@@ -157,11 +215,11 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def run_progress(session: Session, run: Run) -> ProgressOut:
+def run_progress(run: Run) -> ProgressOut:
     """Returns where the run is (stage, step, total, fraction) and an ETA from its recent step times.
 
     The ETA covers the steps left in stages whose length is known (a stage's length is known once
-    it starts); it is None until two train points of the current stage exist.
+    it starts); it is None until the reporter measured the current stage's speed (two train points).
     """
     stages = run.stages
     current = next((s for s in stages if s.status == "running"), None)
@@ -171,26 +229,22 @@ def run_progress(session: Session, run: Run) -> ProgressOut:
                min(s.step / s.total_steps, 1.0) if s.total_steps else 0.0 for s in stages)
     fraction = 1.0 if run.status == "succeeded" else round(done / len(stages), 4) if stages else 0.0
     eta = None
-    if current is not None and run.status in ("running", "cancelling") and current.total_steps:
-        seconds_per_step = _recent_step_seconds(session, run.id, current.index)
-        if seconds_per_step is not None:
-            left = sum(max((s.total_steps or 0) - s.step, 0) for s in stages
-                       if s.index >= current.index and s.status != "succeeded")
-            eta = round(left * seconds_per_step, 1)
+    if (current is not None and run.status in ("running", "cancelling") and current.total_steps
+            and current.seconds_per_step is not None):
+        left = sum(max((s.total_steps or 0) - s.step, 0) for s in stages
+                   if s.index >= current.index and s.status != "succeeded")
+        eta = round(left * current.seconds_per_step, 1)
     return ProgressOut(
         stage=current.index if current else None, step=current.step if current else 0,
         total_steps=current.total_steps if current else None, fraction=fraction, eta_seconds=eta,
     )
 
 
-def _recent_step_seconds(session: Session, run_id: str, stage_index: int) -> float | None:
-    recent = (select(Metric.step, Metric.created_at)
-              .where(Metric.run_id == run_id, Metric.stage_index == stage_index, Metric.split == "train")
-              .order_by(Metric.step.desc()).limit(ETA_WINDOW).subquery())
-    row = session.execute(select(func.max(recent.c.step), func.min(recent.c.step),
-                                 func.max(recent.c.created_at), func.min(recent.c.created_at))).one()
-    newest_step, oldest_step, newest_at, oldest_at = row
-    if newest_step is None or newest_step == oldest_step or newest_at is None:
+def seconds_per_step(recent: list[tuple[int, datetime]]) -> float | None:
+    """Returns the mean seconds per step over (step, reported at) points, None without two steps."""
+    if len(recent) < 2:
         return None
-    return max((newest_at - oldest_at).total_seconds(), 0.0) / (newest_step - oldest_step)
-
+    (first_step, first_at), (last_step, last_at) = min(recent), max(recent)
+    if last_step == first_step:
+        return None
+    return max((last_at - first_at).total_seconds(), 0.0) / (last_step - first_step)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Team
 from app.errors import Unprocessable
+from app.ids import is_id
 from app.schemas.models import ModelOut
 from app.settings import Settings
 
@@ -131,6 +132,8 @@ def model_not_found(settings: Settings, session: Session, team: Team, name: str,
 
 def finished_checkpoint(session: Session, team: Team, checkpoint_id: str) -> Checkpoint | None:
     """Returns the team's exported (adapter or merged) checkpoint with that id, if any."""
+    if not is_id(checkpoint_id, "ckpt"):
+        return None
     return session.scalar(
         select(Checkpoint).where(
             Checkpoint.id == checkpoint_id,

@@ -5,9 +5,11 @@ Another team's resource answers exactly like a missing one, so ids of other team
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.interfaces import ORMOption
 
 from app.db.models import Checkpoint, Dataset, Eval, FineTuningJob, Run, Team, WebhookEndpoint
 from app.errors import NotFound
@@ -26,10 +28,19 @@ OWNED: dict[type, tuple[str, str, str]] = {
 }
 
 
-def get_owned(session: Session, model: type[T], team: Team, object_id: str, *, code: str | None = None) -> T:
-    """Returns the team's row of `model` with this id; 404 for a malformed, missing or another team's id."""
-    what, prefix, param = OWNED[model]
-    row = session.get(model, object_id) if is_id(object_id, prefix) else None
+def get_owned(session: Session, model: type[T], team: Team, object_id: str, *,
+              options: Sequence[ORMOption] = ()) -> T:
+    """Returns the team's row of `model` with this id; 404 for a malformed, missing or another team's id.
+
+    `options` shape the one SELECT (e.g. `joinedload(Run.stages)`: the run with its stages).
+    """
+    row = session.get(model, object_id, options=options) if is_id(object_id, OWNED[model][1]) else None
     if row is None or row.team_id != team.id:
-        raise NotFound(f"no {what} {object_id!r}", code=code, param=param)
+        raise not_found(model, object_id)
     return row
+
+
+def not_found(model: type, object_id: str) -> NotFound:
+    """Returns the 404 of a missing (or another team's) resource."""
+    what, _, param = OWNED[model]
+    return NotFound(f"no {what} {object_id!r}", param=param)

@@ -16,7 +16,7 @@ def paginate(session: Session, stmt: Select[Any], id_column: InstrumentedAttribu
     if after is not None:
         stmt = stmt.where(id_column < after if newest_first else id_column > after)
     stmt = stmt.order_by(id_column.desc() if newest_first else id_column.asc()).limit(limit + 1)
-    rows = list(session.scalars(stmt).all())
+    rows = list(session.scalars(stmt).unique().all())  # unique: rows may join-load a collection
     has_more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = str(getattr(rows[-1], id_column.key)) if has_more and rows else None

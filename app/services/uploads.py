@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError, PayloadTooLarge, UnsupportedMediaType
@@ -99,8 +100,9 @@ async def store_upload(chunks: AsyncIterator[bytes], content_type: str, store: B
                        max_bytes: int) -> StoredUpload:
     """Returns the stored upload (size, sha256, multipart fields) once the body is complete.
 
-    Raises PayloadTooLarge past `max_bytes` of file data (nothing is left in the store),
-    UnsupportedMediaType for other content types, ApiError for a malformed form.
+    Raises PayloadTooLarge past `max_bytes` of file data, StorageFull when the disk fills,
+    UnsupportedMediaType for other content types, ApiError for a malformed or truncated form;
+    in every case nothing is left in the store.
     """
     media, options = _media_type(content_type or "")
     if media != "multipart/form-data" and media not in RAW_TYPES:
@@ -134,10 +136,12 @@ async def _stream_multipart(chunks: AsyncIterator[bytes], options: dict[bytes, b
         async for chunk in chunks:
             await run_in_threadpool(parser.write, chunk)
         parser.finalize()
-    except (ApiError, BlobTooLarge):
-        raise
-    except Exception as exc:  # python-multipart raises its own error types on broken bodies
+    except FormParserError as exc:
         raise ApiError(f"malformed multipart body: {exc}", code="malformed_multipart") from exc
+    if parser.state != MultipartState.END:
+        # The client stopped before the closing boundary: the last part (and record) may be cut off.
+        raise ApiError("the multipart body ends before its closing boundary (--BOUNDARY--); the upload "
+                       "is incomplete, send it again", code="truncated_multipart")
     if sink.file_parts == 0:
         raise ApiError("multipart upload needs a `file` part", code="missing_file", param=FILE_FIELD)
     return StoredUpload(0, "", sink.filename, sink.fields)

@@ -1,6 +1,8 @@
-"""The embedded default end to end: `tuneyard up --demo` (SQLite, kombu filesystem broker, one
-worker and the reaper as subprocesses) trains its demo run; the terminal client follows it, lists
-it and downloads its adapter (sha256-verified); an upload becomes ready while a run trains."""
+"""The embedded default end to end: `tuneyard up --demo --port P` (SQLite, kombu filesystem broker,
+one worker and the reaper as subprocesses) prints its banner last and trains its demo run; the
+terminal client, with nothing but the data folder to go on, follows it, lists it and downloads its
+adapter (sha256-verified); an upload becomes ready while a run trains. Ctrl-C stops everything
+without a traceback, and a restart reuses the key and does not submit the demo again."""
 
 from __future__ import annotations
 
@@ -16,22 +18,39 @@ import httpx
 
 from tests.integration.conftest import FAST, REPO, free_port, wait_for
 
+# The banner, and nothing after it while the service runs.
+BANNER = re.compile(r"Tuneyard is ready at (\S+) .*\nAPI key .*\n  (ty_\S+)\n(?s:.*)runs follow (run_\w+)"
+                    r"(?s:.*)Ctrl-C stops the API, the worker and the reaper\.\n$")
+
+
+def _up(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "up", "--demo", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _interrupt(up: subprocess.Popen, log: Path) -> str:
+    """Returns up's whole output after a Ctrl-C (SIGINT to `up` alone, as a terminal sends it)."""
+    up.send_signal(signal.SIGINT)
+    up.wait(60)
+    return log.read_text()
+
 
 def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
     env.update({f"TUNEYARD_{k.upper()}": v for k, v in FAST.items()})
-    env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_PORT=str(port), TUNEYARD_ENV="test",
+    env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_ENV="test",
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     log = tmp_path / "up.log"
-    up = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "up", "--demo"], cwd=REPO, env=env,
-                          stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    up = _up(env, port, log)
     try:
-        submitted = re.compile(r"TUNEYARD_API_KEY=(\S+) tuneyard runs follow (run_\w+)")
-        found = wait_for(lambda: submitted.search(log.read_text()), 180, "the demo run", every=0.5)
-        key, run_id = found.group(1), found.group(2)
-        client_env = {**env, "TUNEYARD_URL": f"http://127.0.0.1:{port}", "TUNEYARD_API_KEY": key}
+        found = wait_for(lambda: BANNER.search(log.read_text()), 180, "the banner, last", every=0.5)
+        url, key, run_id = found.groups()
+        assert url == f"http://127.0.0.1:{port}" and "new key" in log.read_text()
+        # The client finds the service and the key from the data folder alone (a new shell here).
+        client_env = {**env, "TUNEYARD_URL": "", "TUNEYARD_API_KEY": ""}
 
         def tuneyard(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "tuneyard_cli", *args], cwd=REPO, env=client_env,
@@ -79,10 +98,17 @@ def test_up_demo_trains_on_the_embedded_stack(tmp_path: Path) -> None:
         api.post(f"/v1/runs/{long_run}/cancel")
         wait_for(lambda: api.get(f"/v1/runs/{long_run}").json()["status"] == "cancelled", 60,
                  "the long run to cancel")
+        first = _interrupt(up, log)
+        assert first.rstrip().endswith("stopped") and "Traceback" not in first
+
+        up = _up(env, port, log)
+        again = wait_for(lambda: BANNER.search(log.read_text()), 180, "the banner after a restart", every=0.5)
+        assert again.group(2) == key and "the key from the first start" in log.read_text()
+        assert again.group(3) == run_id  # the demo is not submitted twice
+        assert [r["name"] for r in api.get("/v1/runs").json()["data"]].count("demo-sft") == 1
+        second = _interrupt(up, log)
+        assert second.rstrip().endswith("stopped") and "Traceback" not in second
     finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
+        if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)

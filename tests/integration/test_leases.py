@@ -16,11 +16,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from app.db.models import Checkpoint, Dataset, Eval, Event, Run, utcnow
+from app.db.models import Checkpoint, Dataset, Eval, Event, Run, RunStage, utcnow
 from app.ids import new_id
 from app.jobs.lease import Lease, StaleAttempt, claim, end_attempt, fence, requeue_attempt
 from app.jobs.reaper import reap_once, resend
 from app.jobs.states import EVAL, RUN
+from app.services.metrics import run_progress
 from tests.integration.test_fencing import claim_run, new_run, sessions  # noqa: F401 - the fixture, both databases
 from worker.reporter import DbReporter, event_text
 
@@ -199,3 +200,25 @@ def test_event_text_numbers_stages_from_one(sessions: sessionmaker, tmp_path: Pa
     assert finished == "stage 2/2 (dpo) finished"
     assert event_text("resumed", "x", {"stage_index": 0, "step": 3}, 2) == "resumed from stage 1/2 step 3"
     assert event_text("warning", "tracker off", {"tracker": "mlflow"}, 2) == "tracker off"
+
+
+def test_the_reporter_keeps_step_and_speed_on_the_stage_row(sessions: sessionmaker, tmp_path: Path,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = new_run(sessions)
+    with sessions() as session:
+        claimed = claim_run(session, run_id, "w", utcnow())
+    lease = Lease(sessions, RUN, run_id, claimed.attempt, heartbeat_seconds=60)
+    reporter = DbReporter(sessions, tmp_path, claimed, "team_f", lease, flush_rows=1000, flush_seconds=1000)
+    start = utcnow()
+    for step in range(1, 6):  # a step every 2 s; an eval point does not count
+        monkeypatch.setattr("worker.reporter.utcnow", lambda step=step: start + timedelta(seconds=2 * step))
+        reporter.on_metrics(0, step, "train", {"loss": 1.0})
+    reporter.on_metrics(0, 5, "eval", {"loss": 1.0})
+    reporter.flush()
+    with sessions() as session:
+        session.execute(update(RunStage).where(RunStage.run_id == run_id).values(total_steps=15))
+        session.commit()
+        run = session.get(Run, run_id)
+        stage = run.stages[0]
+        assert (stage.step, stage.seconds_per_step) == (5, 2.0)
+        assert run_progress(run).eta_seconds == 2.0 * (15 - 5)

@@ -60,12 +60,18 @@ class LineError:
 
 @dataclass
 class ValidationReport:
-    """The outcome of validating one file; `errors` keeps the first `max_errors` entries."""
+    """The outcome of validating one file; `errors` and `warnings` keep their first `max_errors` entries.
+
+    Warnings are valid records that are almost certainly a data bug (a preference pair whose two
+    answers are equal carries no DPO gradient); they do not make the dataset invalid.
+    """
 
     format: DatasetFormat | None
     num_records: int = 0
     num_errors: int = 0  # invalid lines, counted past max_errors
     errors: list[LineError] = field(default_factory=list)
+    num_warnings: int = 0
+    warnings: list[LineError] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,7 +82,8 @@ class ValidationReport:
         """Returns the JSON-able report (errors as {line, field, message})."""
         return {
             "format": self.format, "num_records": self.num_records, "num_errors": self.num_errors,
-            "errors": [asdict(e) for e in self.errors], "stats": self.stats,
+            "errors": [asdict(e) for e in self.errors], "num_warnings": self.num_warnings,
+            "warnings": [asdict(w) for w in self.warnings], "stats": self.stats,
         }
 
 
@@ -281,6 +288,10 @@ def validate_jsonl(
                     fail(number, f"looks like a `{looks_like}` record, but the dataset is `{report.format}`")
                 continue
             stats.add(rec)
+            if (same := _identical_answers(rec)) is not None:
+                report.num_warnings += 1
+                if len(report.warnings) < max_errors:
+                    report.warnings.append(LineError(number, same, DEGENERATE_PAIR))
         report.num_records += 1
         if on_record is not None:
             on_record(number, obj)
@@ -290,6 +301,19 @@ def validate_jsonl(
         fail(None, "the file holds no records (it is empty or only blank lines)")
     report.stats = stats.to_dict(report.num_records) | dict(notes)
     return report
+
+
+DEGENERATE_PAIR = ("the chosen and rejected answers are identical: the pair carries no preference signal "
+                   "(no DPO gradient); this is usually a data bug")
+
+
+def _identical_answers(rec: Any) -> str | None:
+    """Returns the field holding the preferred answer when a preference pair's two answers are equal."""
+    if isinstance(rec, PreferenceRecord) and rec.chosen == rec.rejected:
+        return "chosen"
+    if isinstance(rec, OpenAIPreference) and rec.preferred_output == rec.non_preferred_output:
+        return "preferred_output"
+    return None
 
 
 def _undetectable(obj: Any) -> str:

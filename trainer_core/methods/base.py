@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from trainer_core.errors import TrainingDataError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -219,6 +221,24 @@ class EpochStream:
                 self._cached = (epoch, self._epoch(epoch))
             out.append(self._cached[1][offset])
         return out
+
+
+def epoch_stream(
+    ctx: StageContext, plan_epoch: Callable[[np.random.Generator], list[list[int]]]
+) -> tuple[EpochStream, int]:
+    """Returns the stage's epoch stream and its optimizer steps (``stage_steps`` over its micro-batches)."""
+    stream = EpochStream(plan_epoch, ctx.seed, ctx.stage_index)
+    return stream, stage_steps(ctx.stage, stream.per_epoch / ctx.stage.gradient_accumulation)
+
+
+def check_not_all_dropped(ctx: StageContext, records: Sequence[Any], kept: Sequence[Any], what: str) -> None:
+    """Raises TrainingDataError when truncation dropped every one of a stage's training ``records``."""
+    if records and not kept:
+        stage = ctx.stage
+        raise TrainingDataError(
+            f"stages[{ctx.stage_index}]: all {len(records)} {what} were dropped by truncation "
+            f"(max_seq_len={stage.max_seq_len}, truncation={stage.truncation!r}); raise max_seq_len"
+        )
 
 
 def shuffled_chunks(count: int, size: int) -> Callable[[np.random.Generator], list[list[int]]]:

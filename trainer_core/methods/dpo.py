@@ -14,16 +14,15 @@ from trainer_core.config import DPOStage
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_padded
 from trainer_core.data.render import RenderedExample, render_preference
-from trainer_core.errors import TrainingDataError
 from trainer_core.losses.common import token_logps
 from trainer_core.losses.dpo import dpo_loss
 from trainer_core.methods.base import (
-    EpochStream,
     LossOutput,
     MethodDefaults,
     StageContext,
+    check_not_all_dropped,
+    epoch_stream,
     shuffled_chunks,
-    stage_steps,
     weighted_mean,
 )
 from trainer_core.modeling import label_logits
@@ -50,11 +49,8 @@ def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: st
     stage = ctx.stage
     pairs = [render_preference(ctx.tokenizer, r, stage.max_seq_len, stage.truncation) for r in records]
     kept = [p for p in pairs if p is not None]
-    if records and not kept and split == "train":
-        raise TrainingDataError(
-            f"stages[{ctx.stage_index}]: all {len(records)} preference pairs were dropped by truncation "
-            f"(max_seq_len={stage.max_seq_len}, truncation={stage.truncation!r}); raise max_seq_len"
-        )
+    if split == "train":
+        check_not_all_dropped(ctx, records, kept, "preference pairs")
     return kept
 
 
@@ -74,9 +70,8 @@ class DPOMethod(MethodDefaults):
         self.ctx, self.stage = ctx, stage
         self.train_pairs = render_pairs(ctx, ctx.train_records, "train")
         self.eval_pairs = render_pairs(ctx, ctx.eval_records, "eval")
-        self.stream = EpochStream(shuffled_chunks(len(self.train_pairs), stage.batch_size), ctx.seed,
-                                  ctx.stage_index)
-        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
+        plan = shuffled_chunks(len(self.train_pairs), stage.batch_size)
+        self.stream, self.total_steps = epoch_stream(ctx, plan)
         self._ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _collate(self, pairs: Sequence[Pair]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

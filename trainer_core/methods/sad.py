@@ -29,12 +29,11 @@ from trainer_core.data import IGNORE_INDEX
 from trainer_core.errors import TrainingDataError
 from trainer_core.losses.sad import sad_loss
 from trainer_core.methods.base import (
-    EpochStream,
     LossOutput,
     MethodDefaults,
     StageContext,
+    epoch_stream,
     shuffled_chunks,
-    stage_steps,
     weighted_mean,
 )
 from trainer_core.spans import ACTION, REASONING, TokenizedTrajectory, trajectory_token_spans
@@ -104,8 +103,7 @@ class SADMethod(MethodDefaults):
                 "no trajectory has reasoning or action tokens within max_seq_len: check the span markers"
             )
         self._eval = _tokenize(ctx, stage, ctx.eval_records)
-        self.stream = EpochStream(self._planner(), ctx.seed, ctx.stage_index)
-        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
+        self.stream, self.total_steps = epoch_stream(ctx, self._planner())
         self._teacher = _teacher_source(ctx, stage)
 
     def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:

@@ -26,16 +26,15 @@ from trainer_core.config import SFTStage, SpanMarkers
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
 from trainer_core.data.render import RenderedExample, render_sft
-from trainer_core.errors import TrainingDataError
 from trainer_core.losses.sft import sft_loss
 from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
-    EpochStream,
     LossOutput,
     MethodDefaults,
     StageContext,
+    check_not_all_dropped,
+    epoch_stream,
     shuffled_chunks,
-    stage_steps,
     weighted_mean,
 )
 from trainer_core.modeling import label_logits
@@ -72,11 +71,8 @@ def render_examples(
             example = render_sft(ctx.tokenizer, record, stage.max_seq_len, stage.truncation)
         if example is not None:
             examples.append(example)
-    if records and not examples and split == "train":
-        raise TrainingDataError(
-            f"stages[{ctx.stage_index}]: all {len(records)} training examples were dropped by truncation "
-            f"(max_seq_len={stage.max_seq_len}, truncation={stage.truncation!r}); raise max_seq_len"
-        )
+    if split == "train":
+        check_not_all_dropped(ctx, records, examples, "training examples")
     return examples
 
 
@@ -91,8 +87,7 @@ class SFTMethod(MethodDefaults):
         # The 4D mask is added to the attention scores, so it must match their dtype (bf16 under
         # CUDA autocast).
         self.mask_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-        self.stream = EpochStream(self._planner(), ctx.seed, ctx.stage_index)
-        self.total_steps = stage_steps(stage, self.stream.per_epoch / stage.gradient_accumulation)
+        self.stream, self.total_steps = epoch_stream(ctx, self._planner())
 
     def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:
         if self.stage.packing:

@@ -55,15 +55,17 @@ def validate_dataset_blob(sessions: sessionmaker[Session], store: BlobStore, dat
         written = session.execute(
             update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "validating")
             .values(format=report.format, num_records=report.num_records, errors=result["errors"],
-                    stats={**result["stats"], "num_errors": report.num_errors}, status=status,
+                    stats={**result["stats"], "num_errors": report.num_errors,
+                           "num_warnings": report.num_warnings, "warnings": result["warnings"]},
+                    status=status,
                     validated_at=utcnow())
             .execution_options(synchronize_session=False)).rowcount
         session.commit()
     if not written:
         log.info("dataset %s: validated elsewhere or deleted meanwhile; result dropped", dataset_id)
         return None
-    log.info("dataset %s: %s, %d records, %d errors", dataset_id, status, report.num_records,
-             report.num_errors)
+    log.info("dataset %s: %s, %d records, %d errors, %d warnings", dataset_id, status, report.num_records,
+             report.num_errors, report.num_warnings)
     return status
 
 

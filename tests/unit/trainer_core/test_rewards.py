@@ -119,3 +119,39 @@ def test_unknown_names_and_bad_params_raise_clear_errors() -> None:
         combined_reward([("format", 1.0, {"pattern": "(unclosed"})])
     with pytest.raises(ValueError):
         combined_reward([])
+
+
+_SCORE_IN_CHILD = """
+import sys, threading, time
+from trainer_core.rewards import combined_reward
+from trainer_core.errors import TrainingDataError
+beats = []
+threading.Thread(target=lambda: [beats.append(time.sleep(0.05)) for _ in range(400)], daemon=True).start()
+score = combined_reward([("regex", 1.0, {"pattern": sys.argv[1]})])
+try:
+    print(score(sys.argv[2], None)[0])
+except TrainingDataError as exc:
+    print("user error:", exc)
+print("heartbeats", len(beats))
+"""
+
+
+@pytest.mark.parametrize(("pattern", "completion"), [
+    ("(.+)+\u2603", "a b c " * 400 + "\u2600"),  # the attack: Python's re backtracks for ever here
+    ("(a|aa)+$", "a" * 60 + "b"),  # exponential on every engine: the time bound ends it
+])
+def test_user_patterns_are_time_bound_and_leave_the_heartbeat_running(pattern: str, completion: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _SCORE_IN_CHILD, pattern, completion], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, beats = done.stdout.strip().splitlines()
+    assert first == "0.0" or (first.startswith("user error:") and "catastrophic backtracking" in first)
+    if first != "0.0":
+        assert int(beats.split()[1]) >= 10  # the matcher released the GIL while it ran
+
+
+def test_reward_errors_from_the_data_are_user_errors() -> None:
+    from trainer_core.errors import TrainingDataError
+
+    with pytest.raises(TrainingDataError, match="reference answer"):
+        exact_match("4", None)
