@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep
+from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, SnapshotsDep
 from app.errors import error_responses
 from app.schemas.common import CURSOR_PATTERN, MAX_PAGE, OpenAIPage
 from app.schemas.fine_tuning import JobCheckpointOut, JobCreate, JobEventOut, JobOut
@@ -41,20 +41,20 @@ def get_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(401, 404, 409))
-def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
-    return objects.job_out(session, service.cancel_job(session, team, job_id))
+def cancel_job(job_id: str, session: SessionDep, snapshots: SnapshotsDep, team: CurrentTeam) -> JobOut:
+    return objects.job_out(session, service.cancel_job(session, snapshots, team, job_id))
 
 
 @router.post("/{job_id}/pause", response_model=JobOut, responses=error_responses(401, 404, 409))
-def pause_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobOut:
+def pause_job(job_id: str, session: SessionDep, snapshots: SnapshotsDep, team: CurrentTeam) -> JobOut:
     """Stops the job's run at a checkpoint; the job reads `paused` until resumed or cancelled."""
-    return objects.job_out(session, service.pause_job(session, team, job_id))
+    return objects.job_out(session, service.pause_job(session, snapshots, team, job_id))
 
 
 @router.post("/{job_id}/resume", response_model=JobOut, responses=error_responses(401, 404, 409))
-def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
-               team: CurrentTeam) -> JobOut:
-    return objects.job_out(session, service.resume_job(session, settings, celery, team, job_id))
+def resume_job(job_id: str, session: SessionDep, snapshots: SnapshotsDep, settings: SettingsDep,
+               celery: CeleryDep, team: CurrentTeam) -> JobOut:
+    return objects.job_out(session, service.resume_job(session, snapshots, settings, celery, team, job_id))
 
 
 @router.get("/{job_id}/events", response_model=OpenAIPage[JobEventOut],

@@ -70,4 +70,4 @@ def list_files(session: Session, team: Team, *, purpose: str | None, limit: int,
 
 def get_file(session: Session, team: Team, file_id: str) -> Dataset:
     """Returns the team's dataset behind a file id; 404 naming the file otherwise."""
-    return get_owned(session, Dataset, team, file_id, code="file_not_found")
+    return get_owned(session, Dataset, team, file_id)

@@ -42,6 +42,7 @@ from app.services import outbox, runs
 from app.services.files import error_lines
 from app.services.models import base_model_dir
 from app.services.owned import get_owned
+from app.services.snapshots import SnapshotCache
 from app.settings import Settings
 from trainer_core.config import DPOStage, GRPOStage, RunSpec, SFTStage
 from trainer_core.grader_config import Grader
@@ -304,7 +305,7 @@ def _integrations(job: FineTuningJob) -> dict[str, Any]:
 
 def get_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
     """Returns the team's job; 404 for a missing one or another team's."""
-    return get_owned(session, FineTuningJob, team, job_id, code="job_not_found")
+    return get_owned(session, FineTuningJob, team, job_id)
 
 
 def job_run(session: Session, job: FineTuningJob) -> Run | None:
@@ -324,7 +325,7 @@ def job_status(job: FineTuningJob, run: Run | None) -> str:
     return RUN_TO_JOB[run.status]
 
 
-def cancel_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
+def cancel_job(session: Session, snapshots: SnapshotCache, team: Team, job_id: str) -> FineTuningJob:
     """Returns the job after a cancel: cancelled at once before its run or while paused, else as its run."""
     job = get_job(session, team, job_id)
     run = job_run(session, job)
@@ -334,7 +335,7 @@ def cancel_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
             if job.run_id is None:
                 raise Conflict(f"fine-tuning job {job.id} is {job.status}; it cannot be cancelled",
                                code="job_not_cancellable")
-            return cancel_job(session, team, job_id)
+            return cancel_job(session, snapshots, team, job_id)
         job.finished_at = utcnow()
         outbox.job_ended(session, job, "cancelled")
         session.commit()
@@ -346,14 +347,14 @@ def cancel_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
         session.commit()
         return job
     try:
-        runs.cancel_run(session, team, run.id)
+        runs.cancel_run(session, snapshots, team, run.id)
     except Conflict as exc:
         raise Conflict(f"fine-tuning job {job.id} is {job_status(job, run)}; only queued or running jobs can "
                        "be cancelled", code="job_not_cancellable") from exc
     return job
 
 
-def pause_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
+def pause_job(session: Session, snapshots: SnapshotCache, team: Team, job_id: str) -> FineTuningJob:
     """Returns the job after a pause: its run stops at a checkpoint and the job reads `paused`."""
     job = get_job(session, team, job_id)
     run = job_run(session, job)
@@ -363,7 +364,7 @@ def pause_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
     job.paused = True
     session.commit()  # before the run stops: its end must read the job as paused
     try:
-        runs.cancel_run(session, team, run.id)
+        runs.cancel_run(session, snapshots, team, run.id)
     except Conflict:
         job.paused = False
         session.commit()
@@ -371,7 +372,7 @@ def pause_job(session: Session, team: Team, job_id: str) -> FineTuningJob:
     return job
 
 
-def resume_job(session: Session, settings: Settings, celery: Celery, team: Team,
+def resume_job(session: Session, snapshots: SnapshotCache, settings: Settings, celery: Celery, team: Team,
                job_id: str) -> FineTuningJob:
     """Returns the paused job queued again; its run continues from its last checkpoint."""
     job = get_job(session, team, job_id)
@@ -384,5 +385,5 @@ def resume_job(session: Session, settings: Settings, celery: Celery, team: Team,
                        "checkpoint); retry in a few seconds", code="job_pausing")
     job.paused = False
     session.flush()
-    runs.resume_run(session, settings, celery, team, run.id)
+    runs.resume_run(session, snapshots, settings, celery, team, run.id)
     return job

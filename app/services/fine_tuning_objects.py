@@ -44,7 +44,7 @@ def job_out(session: Session, job: FineTuningJob) -> JobOut:
     hyper = hyperparameters_of(job.method)
     eta = None
     if run is not None and run.status == "running":
-        seconds = run_progress(session, run).eta_seconds
+        seconds = run_progress(run).eta_seconds
         eta = _ts(run.heartbeat_at) + int(seconds) if seconds is not None and run.heartbeat_at else None
     return JobOut(
         id=job.id, created_at=_ts(job.created_at) or 0,

@@ -82,7 +82,7 @@ def create_endpoint(session: Session, team: Team, body: EndpointCreate) -> Webho
 
 def get_endpoint(session: Session, team: Team, endpoint_id: str) -> WebhookEndpoint:
     """Returns the team's endpoint; 404 for a missing one or another team's."""
-    return get_owned(session, WebhookEndpoint, team, endpoint_id, code="webhook_endpoint_not_found")
+    return get_owned(session, WebhookEndpoint, team, endpoint_id)
 
 
 def list_endpoints(session: Session, team: Team, *, limit: int, after: str | None) -> OpenAIPage[EndpointOut]:
