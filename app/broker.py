@@ -93,6 +93,20 @@ def send_task(celery: Celery, name: str, args: list, queue: str | None = None) -
     return True
 
 
+def queue_depth(celery: Celery, queue: str) -> int | None:
+    """Returns how many ready messages `queue` holds, or None when the broker cannot say.
+
+    Messages a worker has reserved (prefetched or running, not yet acknowledged) are not counted.
+    """
+    try:
+        with celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
+            return int(conn.default_channel.queue_declare(queue=queue, durable=True).message_count)
+    except Exception as exc:  # any broker error: the caller falls back to sending what is due
+        log.warning("could not read the depth of queue %s: %s: %s", queue, type(exc).__name__, exc)
+        return None
+
+
 def check_broker(celery: Celery, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Raises if the broker cannot be reached within `timeout` seconds (used by /readyz)."""
     with celery.connection_for_write() as conn:

@@ -40,7 +40,13 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from trainer_core.config import LoraAdapter
-from trainer_core.modeling import POLICY_ADAPTER, load_base_model, load_policy, trainable_parameters
+from trainer_core.modeling import (
+    POLICY_ADAPTER,
+    dequantized_weights,
+    load_base_model,
+    load_policy,
+    trainable_parameters,
+)
 from trainer_core.reporting import CheckpointInfo, CheckpointKind, FileEntry
 from trainer_core.staging import staged_folder
 
@@ -302,9 +308,18 @@ def export_merged(
     training model is left untouched), then the weights are cast back to the base's saved dtype
     so a bf16 base does not come back twice its size.
     """
+    merged_base = "original"
     if isinstance(model, PeftModel):
         saved_dtype = AutoConfig.from_pretrained(base_model_dir).dtype or torch.float32
         fresh = load_base_model(base_model_dir, torch.float32, torch.device("cpu"))
+        quantized = dequantized_weights(model)
+        if quantized:
+            # A QLoRA adapter learned corrections to the 4-bit base, so it is merged into the
+            # dequantised weights it trained against, not into the original ones.
+            merged_base = "dequantized_4bit"
+            with torch.no_grad():
+                for name, weight in quantized.items():
+                    fresh.get_submodule(name).weight.copy_(weight)
         lora_config = copy.deepcopy(model.peft_config[POLICY_ADAPTER])
         clone = get_peft_model(fresh, lora_config, adapter_name=POLICY_ADAPTER)
         weights = get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER, save_embedding_layers=False)
@@ -312,7 +327,8 @@ def export_merged(
         merged = clone.merge_and_unload().to(saved_dtype)
     else:
         merged = model
-    manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config}
+    manifest = {"kind": kind, "stage_index": stage_index, "step": step, "config": config,
+                "merged_base": merged_base}
     with staged_folder(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -29,15 +29,17 @@ from trainer_core.graders.scoring import GraderRuntime, needs_sandbox
 from trainer_core.loop import CheckpointPolicy, train_stage
 from trainer_core.methods import build_method
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext
-from trainer_core.model_folders import ModelFolders
+from trainer_core.model_folders import ModelFolders, folder_problems
 from trainer_core.modeling import (
     ReferencePolicy,
     choose_device,
     load_policy,
     load_tokenizer,
     save_policy_weights,
+    set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
+from trainer_core.reward_models import export_reward_model, head_from_checkpoint
 
 
 @dataclass
@@ -112,6 +114,7 @@ def run_pipeline(
     resolve_model: Callable[[str], ModelFolders | Path] | None = None,
     start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
+    rollout_sglang_url: str | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
@@ -124,6 +127,10 @@ def run_pipeline(
     if start_adapter is not None and isinstance(spec.adapter, FullAdapter):
         raise TrainingDataError("adapter.type 'full' cannot continue a LoRA adapter checkpoint; "
                                 "start from its merged export instead")
+    if problems := folder_problems(base_model_path):
+        # Deterministic: every attempt would fail the same way, so it is not retried.
+        raise TrainingDataError(f"base_model: the folder {base_model_path.name} cannot be loaded: "
+                                f"{'; '.join(problems)}")
     torch_device = choose_device(device)
     tokenizer = load_tokenizer(base_model_path)
     datasets = _Datasets(dataset_paths, dataset_formats)
@@ -158,16 +165,18 @@ def run_pipeline(
             if model is not None:
                 save_policy_weights(model, start)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)
+        checkpointing = set_gradient_checkpointing(model, spec.gradient_checkpointing, torch_device)
         train, held_out = datasets.stage_split(stage, index, spec.seed)
         ctx = StageContext(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders,
+            graders=graders, rollout_sglang_url=rollout_sglang_url,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
-                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
+                          {"stage_index": index, "method": stage.method, "total_steps": method.total_steps,
+                           "gradient_checkpointing": checkpointing})
         reward = getattr(stage, "reward", None)
         if reward is not None and needs_sandbox(reward):
             sandbox = (graders or GraderRuntime()).sandbox()
@@ -189,12 +198,17 @@ def run_pipeline(
 
     assert model is not None, "a finished run always has a final model"
     last = len(spec.stages) - 1
-    step = read_manifest(latest_complete_checkpoint(work_dir)[1])["step"]
+    final_checkpoint = latest_complete_checkpoint(work_dir)[1]
+    step = read_manifest(final_checkpoint)["step"]
     exports: dict[str, Path] = {}
     for kind in spec.export:
         out_dir = work_dir / "export" / kind
         if kind == "adapter":
             info = export_adapter(model, tokenizer, out_dir, stage_index=last, step=step, config=config)
+        elif kind == "reward_model":
+            info = export_reward_model(model, head_from_checkpoint(final_checkpoint, model), tokenizer,
+                                       out_dir, base_model_dir=base_model_path, stage_index=last, step=step,
+                                       config=config)
         else:
             info = export_merged(model, tokenizer, out_dir, base_model_dir=base_model_path,
                                  stage_index=last, step=step, config=config)

@@ -109,6 +109,7 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
                 resolve_model=lambda name: _resolve_model(sessions, settings, store, team_id, name),
                 start_adapter=inputs.base_model.adapter,
                 graders=grader_runtime(settings, sessions, store, team_id),
+                rollout_sglang_url=settings.rollout_sglang_url,
             )
         reporter.flush()
         return _end(sessions, claimed, lease, result.status)

@@ -204,7 +204,7 @@ class Checkpoint(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     stage_index: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(20))  # resume|adapter|merged
+    kind: Mapped[str] = mapped_column(String(20))  # resume|adapter|merged|reward_model
     blob_prefix: Mapped[str] = mapped_column(String(400))  # storage key of the folder
     files: Mapped[list[Any]] = mapped_column(default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)

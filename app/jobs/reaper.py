@@ -5,10 +5,15 @@ Each pass (`reap_once`), for every job kind (runs and evals):
   (a run's next attempt resumes from the last complete checkpoint; an eval starts over), or
   `failed` when its attempts are spent; a `cancelling` run ends `cancelled`;
 - a `queued` job, or a `validating` dataset, that nobody took within `queued_grace_seconds`
-  gets its message sent again (the broker lost it: Redis restarted or was down at submit, the
+  gets its message sent again if the broker lost it (Redis restarted or was down at submit, the
   filesystem transport has no redelivery, a worker died holding it unacknowledged) — at most once
-  per grace period (`resent_at`), so a worker that is merely busy gets one spare message per grace
-  period, not one per pass; the first re-send of a queued period is logged (and a run's events say so).
+  per grace period (`resent_at`); the first re-send of a queued period is logged (and a run's
+  events say so).
+Only lost messages are re-sent: per queue, the broker's ready messages are compared with the items
+waiting for it, and only the shortfall goes out (re-queued jobs first, then the longest waiting).
+With workers down every waiting item still has its message in the queue, so nothing is sent and
+the queue never grows past one message per item (plus the few a worker holds unacknowledged);
+before, 1,000 waiting uploads grew the queue by 1,000 messages per grace period.
 Every change is one guarded UPDATE that re-checks the heartbeat, so a job whose worker beat in
 the meantime is left alone. Messages are sent after the commit.
 """
@@ -21,10 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from app.broker import create_celery, send_task
+from app.broker import TASK_ROUTES, create_celery, queue_depth, send_task
 from app.db.models import Dataset, Event, utcnow
 from app.db.session import make_session_factory
 from app.jobs.states import EVAL, RUN, JobKind, after_move
@@ -74,10 +79,12 @@ def reap_once(session: Session, now: datetime, *, lease_seconds: float, queued_g
         _reap_stale(session, kind, now, cutoff, max_attempts, reaped)
         model = kind.model
         reaped.unclaimed = [j for j in session.scalars(select(model.id).where(
-            model.status == "queued", _due(model.queued_at, model.resent_at, grace_cutoff)))
+            model.status == "queued", _due(model.queued_at, model.resent_at, grace_cutoff))
+            .order_by(func.coalesce(model.resent_at, model.queued_at)))
             if j not in reaped.requeued]
     result.datasets = list(session.scalars(select(Dataset.id).where(
-        Dataset.status == "validating", _due(Dataset.created_at, Dataset.resent_at, grace_cutoff))))
+        Dataset.status == "validating", _due(Dataset.created_at, Dataset.resent_at, grace_cutoff))
+        .order_by(func.coalesce(Dataset.resent_at, Dataset.created_at))))
     return result
 
 
@@ -140,14 +147,19 @@ class _Message:
 
 def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
            grace_seconds: float) -> int:
-    """Sends the messages `result` calls for; returns how many went out (stops when the broker is down)."""
-    messages = []
+    """Sends the messages `result` calls for that the broker lost; returns how many went out.
+
+    Stops when the broker is down. Where the broker cannot tell a queue's depth, everything due
+    is sent (duplicates are harmless: a second copy finds the job claimed).
+    """
+    groups: list[list[_Message]] = []
     for kind in KINDS:
         reaped = result.jobs[kind.name]
-        messages += [_Message(kind.task, kind.model, kind.name, j, "queued", False) for j in reaped.requeued]
-        messages += [_Message(kind.task, kind.model, kind.name, j, "queued", True) for j in reaped.unclaimed]
-    messages += [_Message("tuneyard.validate_dataset", Dataset, "dataset", d, "validating", True)
-                 for d in result.datasets]
+        due = [(j, False) for j in reaped.requeued] + [(j, True) for j in reaped.unclaimed]
+        groups.append([_Message(kind.task, kind.model, kind.name, j, "queued", again) for j, again in due])
+    groups.append([_Message("tuneyard.validate_dataset", Dataset, "dataset", d, "validating", True)
+                   for d in result.datasets])
+    messages = [m for group in groups if group for m in _lost_only(session, celery, group)]
     sent = 0
     for message in messages:
         if not send_task(celery, message.task, [message.id]):
@@ -156,6 +168,21 @@ def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
         if message.unclaimed:
             _record_resend(session, message, now, grace_seconds)
     return sent
+
+
+def _lost_only(session: Session, celery: Celery, group: list[_Message]) -> list[_Message]:
+    """Returns the first messages of `group` (one job kind, one queue) up to the number the broker lost."""
+    first = group[0]
+    depth = queue_depth(celery, TASK_ROUTES[first.task]["queue"])
+    if depth is None:
+        return group
+    model = first.model
+    waiting = session.scalar(select(func.count()).select_from(model).where(model.status == first.waiting))
+    lost = max(0, (waiting or 0) - depth)
+    if lost < len(group):
+        log.info("%d %s(s) due for a re-send, %d waiting, %d messages queued: re-sending %d", len(group),
+                 first.what, waiting, depth, lost)
+    return group[:lost]
 
 
 def _record_resend(session: Session, message: _Message, now: datetime, grace_seconds: float) -> None:

@@ -1,5 +1,5 @@
-"""The models a run spec names (its base_model and SAD teachers): pinned and checked at submit,
-turned into folders on the worker.
+"""The models a run spec names (its base_model, SAD teachers, reward-model graders): pinned or
+checked at submit, turned into folders on the worker.
 
 Any name `GET /v1/models` lists works, and so does a checkpoint alias (`RUN:stage-I:step-N`); at
 submit each is pinned to its id, so the run trains on what was named even if the alias later
@@ -20,9 +20,12 @@ from app.db.models import Checkpoint, Run, Team
 from app.errors import Unprocessable
 from app.inference.resolution import resolve_model
 from app.inference.types import ResolvedModel
+from app.services.models import reward_model_checkpoint
 from app.settings import Settings
 from app.storage import LocalBlobStore
-from trainer_core.config import FullAdapter, LoraAdapter, RunSpec, SADStage
+from trainer_core.config import Adapter, FullAdapter, LoraAdapter, RunSpec, SADStage, Stage
+from trainer_core.grader_config import MultiGrader, RewardModelGrader
+from trainer_core.model_folders import folder_problems, linear_modules, missing_target_modules
 
 
 def _parent_adapter(session: Session, checkpoint_id: str) -> LoraAdapter:
@@ -54,6 +57,31 @@ def _check_teacher(student: ResolvedModel, teacher: ResolvedModel, param: str) -
             code="teacher_vocabulary_mismatch", param=param)
 
 
+def _check_loadable(base: ResolvedModel, adapter: Adapter) -> None:
+    """Raises 422 when the base model's folder cannot load or lacks a LoRA target module.
+
+    Both would otherwise fail only on the worker, attempt after attempt.
+    """
+    # Checkpoints are this service's own sealed exports; base models are folders an operator placed.
+    problems = folder_problems(base.weights_path) if base.kind == "base" else []
+    if problems:
+        raise Unprocessable(
+            f"base_model: {base.id!r} cannot be loaded: {'; '.join(problems)}. Pick another base model "
+            "(GET /v1/models) or ask the operator to fix the folder",
+            code="model_unloadable", param="base_model")
+    if not isinstance(adapter, LoraAdapter) or not isinstance(adapter.target_modules, list):
+        return
+    modules = linear_modules(base.weights_path)
+    missing = missing_target_modules(adapter.target_modules, modules) if modules is not None else []
+    if missing:
+        index = adapter.target_modules.index(missing[0])
+        names = sorted({m.rsplit(".", 1)[-1] for m in modules or ()})
+        raise Unprocessable(
+            f"adapter.target_modules[{index}]: base_model {base.id!r} has no module {missing[0]!r}; its "
+            f"linear modules are {', '.join(names[:30])}, or use 'all-linear'",
+            code="target_module_not_found", param=f"adapter.target_modules[{index}]")
+
+
 def resolve_spec_models(session: Session, settings: Settings, team: Team, spec: RunSpec) -> RunSpec:
     """Returns the spec with base_model and teacher models pinned to ids; 422 for what cannot work."""
     store = LocalBlobStore(settings.storage_dir)
@@ -73,6 +101,7 @@ def resolve_spec_models(session: Session, settings: Settings, team: Team, spec: 
                 "training continues that adapter, so leave adapter out (or give exactly those settings)",
                 code="adapter_mismatch", param="adapter")
         update["adapter"] = parent
+    _check_loadable(base, update.get("adapter", spec.adapter))
     stages = list(spec.stages)
     for i, stage in enumerate(stages):
         if isinstance(stage, SADStage) and stage.teacher.source == "model" and stage.divergence != "ce":
@@ -83,5 +112,23 @@ def resolve_spec_models(session: Session, settings: Settings, team: Team, spec: 
             _check_teacher(base, teacher, param)
             pinned = stage.teacher.model_copy(update={"model": teacher.id})
             stages[i] = stage.model_copy(update={"teacher": pinned})
+        _check_reward_models(session, team, stage, f"stages[{i}].reward")
     return spec.model_copy(update={**update, "stages": stages})
+
+
+def _check_reward_models(session: Session, team: Team, stage: Stage, param: str) -> None:
+    """Raises 422 when a reward_model grader of the stage names no reward_model checkpoint of the team."""
+    reward = getattr(stage, "reward", None)
+    if reward is None:
+        return
+    graders = reward.graders.items() if isinstance(reward, MultiGrader) else [(None, reward)]
+    for key, grader in graders:
+        if not isinstance(grader, RewardModelGrader):
+            continue
+        if reward_model_checkpoint(session, team, grader.model) is None:
+            where = f"{param}.model" if key is None else f"{param}.graders.{key}.model"
+            raise Unprocessable(
+                f"{where}: {grader.model!r} is not a finished reward_model checkpoint of the team; train "
+                'one with a run whose only stage is {"method": "reward_model"}',
+                code="model_not_found", param=where)
 

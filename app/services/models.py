@@ -23,13 +23,12 @@ from app.errors import Unprocessable
 from app.ids import is_id
 from app.schemas.models import ModelOut
 from app.settings import Settings
+from trainer_core.model_folders import folder_problems, safetensors_header, weight_files
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 # One optional `organisation/` level, as on the Hub; every part starts with a letter or digit, so
 # no part is `..` and a name never leaves the base-models dir.
 _MODEL_NAME = re.compile(rf"^{_PART}(?:/{_PART})?$")
-_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def base_model_dir(settings: Settings, name: str) -> Path | None:
@@ -66,10 +65,7 @@ class FolderFacts:
 
 
 def _safetensors_parameters(path: Path) -> int:
-    # The header (an 8-byte length, then JSON) lists every tensor's shape: no weights are read.
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+    header = safetensors_header(path)
     total = 0
     for name, tensor in header.items():
         if name != "__metadata__":
@@ -80,17 +76,13 @@ def _safetensors_parameters(path: Path) -> int:
     return total
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted({p for pattern in _WEIGHT_GLOBS for p in folder.glob(pattern)})
-
-
 @lru_cache(maxsize=256)
 def _folder_facts(folder: Path, mtime_ns: int) -> FolderFacts:
     # Keyed by the folder's mtime: a model replaced in place is read again.
     config = json.loads((folder / "config.json").read_text())
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else config.get("model_type")
-    weights = _weight_files(folder)
+    weights = weight_files(folder)
     safetensors = [p for p in weights if p.suffix == ".safetensors"]
     parameters = sum(_safetensors_parameters(p) for p in safetensors) if safetensors else None
     return FolderFacts(architecture, parameters, sum(p.stat().st_size for p in weights))
@@ -202,25 +194,12 @@ def _has_chat_template(folder: Path) -> bool:
 
 def check_model_folder(folder: Path) -> FolderCheck:
     """Returns what keeps a folder from training and serving: config, weights, tokenizer, chat template."""
-    check = FolderCheck()
+    check = FolderCheck(problems=folder_problems(folder))
     if not folder.is_dir():
-        check.problems.append(f"{folder} is not a folder")
         return check
-    config = folder / "config.json"
-    try:
-        if not json.loads(config.read_text()).get("model_type"):
-            check.problems.append("config.json has no model_type (is this a transformers model folder?)")
-    except FileNotFoundError:
-        check.problems.append("no config.json (a Hugging Face model folder has one)")
-    except ValueError as exc:
-        check.problems.append(f"config.json is not valid JSON ({exc})")
     if (folder / "adapter_config.json").is_file():
         check.problems.append("this is a PEFT adapter, not a full model: train from it with "
                               "base_model set to its checkpoint id, or merge it first")
-    if not _weight_files(folder):
-        check.problems.append("no weights (*.safetensors or pytorch_model*.bin)")
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        check.problems.append(f"no tokenizer (one of {', '.join(_TOKENIZER_FILES)})")
     if not _has_chat_template(folder):
         check.warnings.append("no chat template: `messages` datasets and /v1/chat/completions need one "
                               "(prompt/completion and text datasets still train)")

@@ -29,6 +29,7 @@ from app.jobs.states import RUN, IllegalTransition, transition_atomically
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
 from app.services.datasets import check_usable
+from app.services.deployment import check_deployment_runs
 from app.services.metrics import run_progress
 from app.services.model_refs import resolve_spec_models
 from app.services.owned import get_owned
@@ -57,6 +58,7 @@ def check_run_inputs(session: Session, settings: Settings, team: Team, spec: Run
         if stage.eval_dataset:
             check_usable(found.get(stage.eval_dataset), stage.eval_dataset, f"stages[{i}].eval_dataset",
                          method=stage.method)
+    check_deployment_runs(settings, spec)
     return resolve_spec_models(session, settings, team, spec)
 
 

@@ -11,7 +11,9 @@ The app under test is `create_app(settings)` driven through Starlette's TestClie
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -58,10 +60,35 @@ def _free_redis_db() -> int:
     pytest.skip("no empty Redis database for the worker's broker")
 
 
+def write_safetensors_header(path: Path, shapes: dict[str, list[int]]) -> None:
+    """Writes a safetensors file holding only its header: tensor names and shapes, no data."""
+    header = {name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+              for name, shape in shapes.items()}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+# A Llama-shaped folder the submit-time checks accept (config, weights, tokenizer); no run here
+# ever loads it: the API tests' worker only validates datasets.
+TINY_LLAMA_MODULES = {
+    "model.embed_tokens.weight": [32, 8], "lm_head.weight": [32, 8], "model.norm.weight": [8],
+    **{f"model.layers.0.{part}.weight": [8, 8] for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+}
+
+
+def write_model_folder(folder: Path, shapes: dict[str, list[int]] = TINY_LLAMA_MODULES) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    write_safetensors_header(folder / "model.safetensors", shapes)
+    (folder / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}, "added_tokens": []}')
+    return folder
+
+
 def _settings(name: str, root: Path) -> tuple[Settings, callable]:
     models = root / "models"
-    (models / "tiny-llama").mkdir(parents=True)
-    (models / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    write_model_folder(models / "tiny-llama")
     common = dict(data_dir=root / "data", storage_dir=root / "storage", base_models_dir=models,
                   env="test", max_upload_bytes=64 * 1024 * 1024)
     if name == "sqlite":

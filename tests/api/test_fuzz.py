@@ -24,6 +24,7 @@ from app.db.migrate import migrate
 from app.main import create_app
 from app.services.auth import create_api_key
 from app.settings import Settings
+from tests.api.conftest import write_model_folder
 
 MAX_EXAMPLES = 12
 
@@ -42,8 +43,7 @@ def _jsonl(ctx: schemathesis.SerializationContext, value: object) -> bytes:
 
 @pytest.fixture(scope="module")
 def auth_headers() -> Iterator[dict[str, str]]:
-    (_ROOT / "models" / "tiny-llama").mkdir(parents=True)
-    (_ROOT / "models" / "tiny-llama" / "config.json").write_text("{}")
+    write_model_folder(_ROOT / "models" / "tiny-llama")
     migrate(_SETTINGS.database_url)
     with APP.state.sessions() as session:
         _, key = create_api_key(session, "fuzz")

@@ -233,3 +233,30 @@ def test_equal_preference_answers_are_warned_with_line_numbers(client: TestClien
     assert [(w["line"], w["field"]) for w in dataset["stats"]["warnings"]] == [
         (2, "chosen"), (4, "preferred_output")]
     assert "no preference signal" in dataset["stats"]["warnings"][0]["message"]
+
+
+# ---------------------------------------------------------------- 4. user errors caught at submit
+
+
+def test_what_the_base_model_cannot_train_is_refused_at_submit(
+        client: TestClient, auth: dict, backend: Backend) -> None:
+    config_only = backend.settings.base_models_dir / "config-only"
+    if not config_only.exists():
+        config_only.mkdir()
+        (config_only / "config.json").write_text('{"model_type": "llama"}')
+    dataset = wait_for_dataset(client, auth, upload_jsonl(client, auth, SFT)["id"])
+    spec = _spec(dataset["id"])
+    response = client.post("/v1/runs", json=spec | {"base_model": "config-only"}, headers=auth)
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["code"] == "model_unloadable", response.text
+    assert error["param"] == "base_model" and "no weights" in error["message"]
+    for targets, index in ((["q_proj", "nope_proj"], 1), (["norm"], 0)):
+        adapter = {"type": "lora", "target_modules": targets}
+        response = client.post("/v1/runs", json=spec | {"adapter": adapter}, headers=auth)
+        error = response.json()["error"]
+        assert response.status_code == 422, response.text
+        assert error["param"] == f"adapter.target_modules[{index}]"
+        assert "q_proj" in error["message"]  # names what the model does have
+    ok = client.post("/v1/runs", json=spec | {"adapter": {"type": "lora", "target_modules": ["q_proj"]}},
+                     headers=auth)
+    assert ok.status_code == 201, ok.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from itertools import count
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from app.db.models import Checkpoint, Run, RunStage
 from app.ids import new_id
 from app.services.auth import create_api_key
 from app.services.models import check_model_folder, register_model
-from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset
+from tests.api.conftest import Backend, upload_jsonl, wait_for_dataset, write_safetensors_header
 
 SFT = b'{"prompt": "2+2=", "completion": "4"}\n' * 4
 TRAJECTORIES = b'{"text": "Thought: add them.\\nAction: answer[4]"}\n' * 4
@@ -24,18 +23,11 @@ LORA = {"type": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": 
 _teams = count()
 
 
-def _safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
-    header = {name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
-              for name, shape in shapes.items()}
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-
-
 def _model_folder(folder: Path, vocab: dict[str, int], chat_template: bool = True) -> Path:
     folder.mkdir(parents=True)
     config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
     (folder / "config.json").write_text(json.dumps(config))
-    _safetensors(folder / "model.safetensors", {"embed": [10, 4], "head": [4, 10], "norm": [4]})
+    write_safetensors_header(folder / "model.safetensors", {"embed": [10, 4], "head": [4, 10], "norm": [4]})
     (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
     tokenizer_config = {"chat_template": "{{ messages }}"} if chat_template else {}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))

@@ -71,14 +71,11 @@ def seed_invalid_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
     return dataset.id
 
 
-def seed_ready_dataset(sessions: sessionmaker[Session], team_id: str, fmt: str = "sft",
-                       num_records: int = 16) -> str:
-    """Returns the id of a `ready` dataset (its blob is never read: nothing trains from it here)."""
-    dataset = Dataset(
-        id=new_id("ds"), team_id=team_id, name="chats.jsonl", format=fmt, status="ready",
-        num_records=num_records, size_bytes=2_048, sha256="0" * 64, blob_key="datasets/none",
-        stats={"records": num_records}, errors=[],
-    )
+def seed_ready_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
+    """Returns the id of a `ready` SFT dataset (a row; its file is never read here)."""
+    dataset = Dataset(id=new_id("ds"), team_id=team_id, name="ready-chats.jsonl", format="sft",
+                      status="ready", num_records=12, size_bytes=2_048, sha256="1" * 64,
+                      blob_key="datasets/none", stats={"records": 12}, errors=[])
     with sessions() as session:
         session.add(dataset)
         session.commit()

@@ -94,15 +94,18 @@ class Stack:
         headers = {"Authorization": f"Bearer {self.key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
-    def start_worker(self, concurrency: int = 1) -> Worker:
-        """Starts `celery worker` (prefork, one task per child) and returns once it is ready."""
+    def start_worker(self, concurrency: int = 1, **env: str) -> Worker:
+        """Starts `celery worker` (prefork, one task per child) and returns once it is ready.
+
+        ``env``: extra environment variables of the worker (e.g. a judge's API key).
+        """
         n = len(self.workers)
         log = self.logs / f"worker-{n}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,cpu",
              "-c", str(concurrency), "--without-mingle", "--without-gossip", "--loglevel", "INFO",
              "-n", f"it-{os.getpid()}-{n}@%h"],
-            cwd=REPO, env=service_env(self.settings, **self.env), stdout=log.open("wb"),
+            cwd=REPO, env=service_env(self.settings, **{**self.env, **env}), stdout=log.open("wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         worker = Worker(process, log)

@@ -87,6 +87,7 @@ class StageContext:
     ``resolve_model``: turns a base model name or checkpoint id into its folders (SAD teachers).
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
     ``graders``: what RL rewards need from the host (sandbox, judge endpoint and keys, reward models).
+    ``rollout_sglang_url``: the SGLang server RL stages may sample on (``rollout.engine: sglang``).
     """
 
     stage: Stage
@@ -101,6 +102,7 @@ class StageContext:
     reference: ReferencePolicy
     resolve_model: Callable[[str], ModelFolders | Path] | None = None
     graders: GraderRuntime | None = None
+    rollout_sglang_url: str | None = None
 
 
 class StageMethod(Protocol):
