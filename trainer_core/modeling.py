@@ -232,6 +232,21 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout of ``model`` to 0 (LoRA dropout included), as TRL does for RL and DPO.
+
+    Methods that compare the policy with itself or with a dropout-free reference (PPO's ratio to
+    its rollout's log-probs, DPO's margins against the reference) must see the same function in
+    both forwards: train mode may then differ from eval mode in nothing else.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # Attention dropout is applied functionally from a float attribute (e.g. Llama, Qwen2).
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Returns the parameters that train, by name (LoRA weights, or everything for full FT)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -39,6 +39,7 @@ from trainer_core.modeling import (
     set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
+from trainer_core.reward_models import export_reward_model, head_from_checkpoint
 
 
 @dataclass
@@ -197,12 +198,17 @@ def run_pipeline(
 
     assert model is not None, "a finished run always has a final model"
     last = len(spec.stages) - 1
-    step = read_manifest(latest_complete_checkpoint(work_dir)[1])["step"]
+    final_checkpoint = latest_complete_checkpoint(work_dir)[1]
+    step = read_manifest(final_checkpoint)["step"]
     exports: dict[str, Path] = {}
     for kind in spec.export:
         out_dir = work_dir / "export" / kind
         if kind == "adapter":
             info = export_adapter(model, tokenizer, out_dir, stage_index=last, step=step, config=config)
+        elif kind == "reward_model":
+            info = export_reward_model(model, head_from_checkpoint(final_checkpoint, model), tokenizer,
+                                       out_dir, base_model_dir=base_model_path, stage_index=last, step=step,
+                                       config=config)
         else:
             info = export_merged(model, tokenizer, out_dir, base_model_dir=base_model_path,
                                  stage_index=last, step=step, config=config)
