@@ -40,8 +40,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from trainer_core.config import LoraAdapter
 from trainer_core.distributed import SINGLE, Ranks, barrier, copy_full_into, full_tensor
-from trainer_core.modeling import POLICY_ADAPTER, dequantized_weights, load_base_model, trainable_parameters
+from trainer_core.modeling import (
+    POLICY_ADAPTER,
+    dequantized_weights,
+    load_base_model,
+    load_policy,
+    trainable_parameters,
+)
 from trainer_core.reporting import CheckpointInfo, CheckpointKind, FileEntry
 from trainer_core.staging import staged_folder
 
@@ -384,3 +391,26 @@ def _export_info(
 ) -> CheckpointInfo:
     files = _finalize(tmp, final, manifest)
     return CheckpointInfo(stage_index=stage_index, step=step, kind=kind, path=final, files=files)
+
+
+def adapter_from_resume_checkpoint(
+    checkpoint_dir: Path, out_dir: Path, *, base_model_dir: Path, adapter: LoraAdapter
+) -> Path:
+    """Returns a PEFT adapter folder with a resume checkpoint's LoRA weights (written once, atomically).
+
+    It serves an intermediate step as a model: the policy is rebuilt as training built it, the
+    checkpoint's trainable weights are loaded into it and it is saved as ``export_adapter`` would.
+    """
+    if (out_dir / "adapter_config.json").is_file():
+        return out_dir
+    # A per-process staging name: two API processes may serve the same step for the first time.
+    with staged_folder(out_dir.with_name(f"{out_dir.name}.{os.getpid()}")) as tmp:
+        model = load_policy(base_model_dir, adapter, torch.device("cpu"))
+        load_trainable_weights(checkpoint_dir, model)
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        _fsync_tree(tmp)
+        if out_dir.exists():  # another process finished first; its folder is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    return out_dir
