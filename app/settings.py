@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(10.0, gt=0)
     inference_backend: str = Field("local", pattern="^(local|sglang)$")
     sglang_url: str | None = None
+    sglang_max_lora_rank: int = Field(
+        64, ge=1, description="the SGLang server's --max-lora-rank: runs with a larger adapter.r are refused"
+    )
+    rollout_sglang_url: str | None = Field(
+        None, description="an SGLang server (--enable-lora, same base) RL stages may sample on: "
+        "rollout.engine 'sglang'"
+    )
+    worker_quantization: bool | None = Field(
+        None, description="workers can load 4-bit bases (QLoRA); default: bitsandbytes is installed here"
+    )
     inference_cache_bytes: int = Field(2 * 1024**3, ge=0)
     api_max_concurrency: int = Field(
         200, ge=1, description="requests the API serves at once; more get 503 (idle connections do not count)"
@@ -53,6 +63,13 @@ class Settings(BaseSettings):
                                "this long (a cancel or resume through this process drops it at once; 0: off)"
     )
     log_json: bool = False
+    webhook_retry_base_seconds: float = Field(
+        5.0, gt=0, description="first retry delay of a failed webhook delivery; doubles per attempt"
+    )
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0, description="longest delay between two attempts")
+    webhook_max_attempts: int = Field(12, ge=1, description="attempts before a delivery is marked failed")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="time a receiver has to answer")
+    webhook_poll_seconds: float = Field(1.0, gt=0, description="how often the deliverer looks for due work")
     judge_base_url: str | None = Field(
         None, description="default endpoint of score_model graders; default: this server's own /v1"
     )

@@ -40,6 +40,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "ppo": ("prompts",),
     "grpo": ("prompts",),
     "sad": ("trajectories",),
+    "reward_model": ("preference",),
 }
 
 
@@ -68,13 +69,28 @@ class LoraAdapter(SpecModel):
         return v
 
 
+class QLoraAdapter(LoraAdapter):
+    """LoRA over a base quantised to 4 bits with bitsandbytes (QLoRA, arXiv 2305.14314).
+
+    The adapter trains in fp32 (bf16 autocast on CUDA) over the frozen 4-bit base. Exports: the
+    adapter (loads over the ordinary bf16/fp32 base) and a merged model whose base weights are the
+    dequantised 4-bit ones the adapter was trained against (the manifest's ``merged_base`` says so).
+    """
+
+    type: Literal["qlora"] = Field(  # type: ignore[assignment]
+        "qlora", description="LoRA over a 4-bit (bitsandbytes) base: QLoRA"
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base")
+    double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param)")
+
+
 class FullAdapter(SpecModel):
     """Full fine-tuning: every weight trains and the export is a merged model only."""
 
     type: Literal["full"] = Field("full", description="full fine-tuning: every weight trains")
 
 
-Adapter = Annotated[LoraAdapter | FullAdapter, Field(discriminator="type")]
+Adapter = Annotated[LoraAdapter | QLoraAdapter | FullAdapter, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- stages
@@ -109,7 +125,7 @@ class PromptCurriculum(SpecModel):
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
 # fine-tuning moves every weight: a stage that leaves learning_rate unset gets these 10x lower rates.
 FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
-    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5,
+    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5, "reward_model": 1e-5,
 }
 LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
 
@@ -234,10 +250,15 @@ class DPOStage(StageBase):
         0.1, gt=0, le=MAX_COEF,
         description="strength of the implicit KL to the stage-start reference",
     )
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid (DPO) or ipo (on log-probs averaged over completion tokens)"
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5,
         description="assumed share of flipped preference labels (cDPO; sigmoid only)",
+    )
+    disable_dropout: bool = Field(
+        True, description="train the policy without dropout, as the reference runs (TRL's default)"
     )
 
     @field_validator("label_smoothing")
@@ -248,7 +269,36 @@ class DPOStage(StageBase):
         return v
 
 
+class RewardModelStage(StageBase):
+    """A reward model: the base architecture + scalar head, trained with Bradley-Terry on preference pairs.
+
+    Its model scores sequences; it is not a policy a later stage could continue, so it is the only
+    stage of its run, which exports a ``reward_model`` checkpoint for ``reward_model`` graders.
+    """
+
+    method: Literal["reward_model"] = Field(
+        description="a reward model (scalar head, Bradley-Terry) on preference records"
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
+    disable_dropout: bool = Field(True, description="train without dropout (TRL's default)")
+
+
+class RolloutSpec(SpecModel):
+    """Which engine samples a GRPO/PPO stage's completions (``trainer_core.rollout_engines``).
+
+    `local`: the in-process sampler (runs anywhere); `paged`: transformers continuous batching with
+    a paged KV cache in the training process; `sglang`: the deployment's SGLang server for
+    rollouts, with the policy adapter reloaded after each optimizer step. The loss recomputes
+    log-probs with the policy; for `paged` and `sglang` each token is weighted by the truncated
+    importance ratio min(pi_train / pi_engine, tis_cap).
+    """
+
+    engine: Literal["local", "paged", "sglang"] = Field("local", description="what samples the rollouts")
+    tis_cap: float = Field(2.0, ge=1, le=100, description="truncation C of the importance weight (TRL: 2)")
+
+
 class _RolloutStage(StageBase):
+    rollout: RolloutSpec = Field(RolloutSpec(), description="the engine that samples completions")
     reward: StageReward = Field(
         default_factory=lambda: ExactMatchReward(type="exact_match"),
         description="a Tuneyard reward spec (exact_match ... combined) or a grader (string_check ... multi)",
@@ -438,7 +488,7 @@ class SADStage(StageBase):
 
 
 Stage = Annotated[
-    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage, Field(discriminator="method")
+    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage | RewardModelStage, Field(discriminator="method")
 ]
 
 
@@ -507,6 +557,17 @@ class Integrations(SpecModel):
     mlflow: MlflowIntegration | None = Field(None, description="log metrics to MLflow")
 
 
+# Stage methods that train on several devices (FSDP2 over torchrun); the rollout methods and SAD's
+# teachers run on one device for now.
+DISTRIBUTED_METHODS = ("sft", "dpo")
+
+
+class Resources(SpecModel):
+    """What one run needs from a worker."""
+
+    gpus: int = Field(1, ge=1, le=64, description="devices the run trains on; > 1 shards it with FSDP2")
+
+
 class RunSpec(SpecModel):
     name: str | None = Field(None, max_length=200, description="a name for the run")
     base_model: str = Field(
@@ -515,7 +576,11 @@ class RunSpec(SpecModel):
     )
     adapter: Adapter = Field(
         LoraAdapter(),
-        description="what trains: a LoRA adapter (default) or every weight",
+        description="what trains: a LoRA adapter (default), LoRA over a 4-bit base, or every weight",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass (non-reentrant); default: on for "
+        "CUDA workers, off on CPU"
     )
     seed: int = Field(
         0, ge=0, le=MAX_SEED,
@@ -533,11 +598,31 @@ class RunSpec(SpecModel):
         3, ge=1,
         le=1000, description="resumable checkpoints kept per stage (the best by eval_loss is kept too)",
     )
-    export: list[Literal["adapter", "merged"]] = Field(
+    export: list[Literal["adapter", "merged", "reward_model"]] = Field(
         ["adapter"],
-        max_length=2, description="what the finished run exports: the adapter, a merged model, or both",
+        max_length=2, description="what the finished run exports: the adapter, a merged model, or both "
+        "(a reward_model run: its reward_model checkpoint)",
     )
     integrations: Integrations = Field(Integrations(), description="experiment trackers to log metrics to")
+    resources: Resources = Field(Resources(), description="devices the run needs from one worker")
+
+    @model_validator(mode="after")
+    def _stages_fit_devices(self) -> RunSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if isinstance(self.adapter, QLoraAdapter):
+            raise ValueError("adapter.type 'qlora' trains on one device: FSDP2 over 4-bit bitsandbytes "
+                             "weights is not verified with the installed peft and bitsandbytes; use "
+                             "resources.gpus 1, or adapter.type 'lora' on several devices")
+        for i, stage in enumerate(self.stages):
+            if stage.method not in DISTRIBUTED_METHODS:
+                raise ValueError(f"stages[{i}]: method {stage.method!r} trains on one device; "
+                                 f"resources.gpus > 1 supports {' and '.join(DISTRIBUTED_METHODS)} stages")
+            if stage.batch_size < gpus:
+                raise ValueError(f"stages[{i}].batch_size ({stage.batch_size}) must be at least "
+                                 f"resources.gpus ({gpus}): each device trains on a share of it")
+        return self
 
     @model_validator(mode="after")
     def _full_finetune_rates(self) -> RunSpec:
@@ -552,9 +637,37 @@ class RunSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _reward_model_alone(self) -> RunSpec:
+        trains_reward_model = any(isinstance(stage, RewardModelStage) for stage in self.stages)
+        if trains_reward_model and len(self.stages) > 1:
+            raise ValueError(
+                "a reward_model stage must be the only stage of its run: its model scores sequences and "
+                "no later stage can continue it; train the policy in another run whose reward is "
+                '{"type": "reward_model", "model": "<this run\'s checkpoint id>"}'
+            )
+        if trains_reward_model and "export" not in self.model_fields_set:
+            object.__setattr__(self, "export", ["reward_model"])
+        if trains_reward_model != (self.export == ["reward_model"]):
+            raise ValueError("export ['reward_model'] goes with a reward_model stage, and only with one")
+        return self
+
+    @model_validator(mode="after")
+    def _sglang_rollouts_need_an_adapter(self) -> RunSpec:
+        for index, stage in enumerate(self.stages):
+            rollout = getattr(stage, "rollout", None)
+            if rollout is not None and rollout.engine == "sglang" and isinstance(self.adapter, FullAdapter):
+                raise ValueError(
+                    f"stages[{index}].rollout.engine 'sglang' reloads the policy's LoRA adapter after each "
+                    "step; full fine-tuning has none: use engine 'local' or 'paged', or a LoRA adapter"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _export_matches_adapter(self) -> RunSpec:
         if isinstance(self.adapter, FullAdapter) and "adapter" in self.export:
-            raise ValueError("export 'adapter' needs adapter.type 'lora'; full fine-tuning exports 'merged'")
+            raise ValueError(
+                "export 'adapter' needs adapter.type 'lora' or 'qlora'; full fine-tuning exports 'merged'"
+            )
         if not self.export:
             raise ValueError("export must name at least one of 'adapter', 'merged'")
         return self

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from trainer_core.losses.common import IGNORE_INDEX, token_logps
+from trainer_core.losses.chunked import chunked_token_logps
+from trainer_core.modeling import head_inputs
 from trainer_core.reporting import raise_if_stopping
 
 # How often sampling asks whether to stop: a few forward passes, well under a second on any model.
@@ -58,13 +59,14 @@ class Completions:
 class CompletionForward:
     """A forward pass over prompt + completion, sliced to the positions that predict completion tokens.
 
-    ``logits`` [B, T, V] already divided by the temperature; ``logps`` [B, T] log-probs of the
-    completion tokens (0 where masked); ``hidden`` [B, T, H] last hidden states at those positions
-    (only when requested, for a value head).
+    ``logps`` [B, T] log-probs of the completion tokens under softmax(logits / temperature) (0
+    where masked); ``entropy`` [B, T] (detached) of that distribution, only when requested;
+    ``hidden`` [B, T, H] last hidden states at those positions (only when requested, for a value
+    head). No [B, T, V] logits are kept: the LM head runs a chunk of tokens at a time.
     """
 
-    logits: torch.Tensor
     logps: torch.Tensor
+    entropy: torch.Tensor | None
     hidden: torch.Tensor | None
 
 
@@ -177,6 +179,7 @@ def sample_completions(
                 position_ids=step_positions,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,  # the prompt pass would otherwise project every prompt position
             )
             cache = out.past_key_values
             scaled = out.logits[:, -1, :].float() / temperature
@@ -213,27 +216,30 @@ def completion_forward(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_hidden: bool = False,
+    with_entropy: bool = False,
 ) -> CompletionForward:
-    """Returns the model's temperature-scaled logits, token log-probs (and hidden states) on the completions.
+    """Returns the completion tokens' log-probs (and entropy, hidden states) under the model.
 
     One full forward over ``[prompt | completion]``; position P-1+j predicts completion token j.
-    Runs with whatever grad mode and train/eval mode the caller set.
+    Only completion positions go through the LM head, a chunk at a time. Runs with whatever grad
+    mode and train/eval mode the caller set.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention.long(),
-        position_ids=_positions(attention),
-        output_hidden_states=with_hidden,
-    )
+    out = head_inputs(model, {"input_ids": input_ids, "attention_mask": attention.long(),
+                              "position_ids": _positions(attention)})
     prompt_len, completion_len = prompt_ids.shape[1], completion_ids.shape[1]
     window = slice(prompt_len - 1, prompt_len - 1 + completion_len)
-    logits = out.logits[:, window, :].float() / temperature
-    labels = torch.where(completion_mask, completion_ids, torch.full_like(completion_ids, IGNORE_INDEX))
-    logps, _ = token_logps(logits, labels)
-    hidden = out.hidden_states[-1][:, window, :] if with_hidden else None
-    return CompletionForward(logits=logits, logps=logps, hidden=hidden)
+    hidden = out.hidden[:, window, :]
+    keep = completion_mask.bool()
+    picked, entropy = chunked_token_logps(hidden[keep], out.head, completion_ids[keep], out.vocab,
+                                          temperature=temperature, with_entropy=with_entropy)
+    logps = torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+    per_token_entropy = None
+    if entropy is not None:
+        per_token_entropy = torch.zeros(keep.shape, dtype=entropy.dtype, device=entropy.device)
+        per_token_entropy[keep] = entropy
+    return CompletionForward(logps=logps, entropy=per_token_entropy, hidden=hidden if with_hidden else None)
 
 
 def concat_completions(parts: Sequence[Completions], pad_token_id: int) -> Completions:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from trainer_core.config import Adapter, FullAdapter, LoraAdapter
-from trainer_core.data import IGNORE_INDEX
+from trainer_core.config import Adapter, FullAdapter, LoraAdapter, QLoraAdapter
+from trainer_core.distributed import reshard
 from trainer_core.errors import TrainingDataError
 from trainer_core.model_folders import missing_target_modules
 from trainer_core.staging import staged_folder
@@ -31,15 +35,26 @@ def choose_device(device: str = "auto") -> torch.device:
 
 
 def base_dtype(adapter: Adapter, device: torch.device) -> torch.dtype:
-    """Returns the dtype to hold frozen base weights in.
+    """Returns the dtype to hold the policy's base weights in.
 
     LoRA on GPU keeps the frozen base in bf16 (half the memory; autocast computes in bf16 anyway)
-    while the trainable LoRA weights stay fp32. Full fine-tuning keeps fp32 master weights, and CPU
-    runs stay fp32 throughout (bf16 matmuls are slow on most CPUs and break exact-resume tests).
+    while the trainable LoRA weights stay fp32 (QLoRA's base is 4-bit, its compute dtype bf16).
+    Full fine-tuning keeps fp32 master weights under bf16 autocast: 4 bytes of weight + 4 of
+    gradient + 8 of AdamW state = 16 bytes per parameter (a 0.5B model: 8 GB; an 8B model does
+    not fit one 80 GB GPU this way, which is what LoRA/QLoRA are for). CPU runs stay fp32
+    throughout (bf16 matmuls are slow on most CPUs and break exact-resume tests).
     """
     if device.type == "cuda" and isinstance(adapter, LoraAdapter):
         return torch.bfloat16
     return torch.float32
+
+
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """Returns the dtype of models that never train (SAD teacher, full fine-tuning's reference).
+
+    bf16 on CUDA: they only run forward passes, which autocast computes in bf16 anyway.
+    """
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -50,10 +65,120 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Returns a causal LM loaded from a folder (sdpa attention: it honours 4D packing masks)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device)
+def load_base_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, quantize: QLoraAdapter | None = None
+) -> nn.Module:
+    """Returns a causal LM loaded from a folder (sdpa attention: it honours 4D packing masks).
+
+    ``quantize``: load the linear layers (not the LM head or embeddings) as 4-bit bitsandbytes
+    weights, computing in ``dtype``.
+    """
+    if quantize is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        return model.to(device)
+    if not quantization_available():
+        raise TrainingDataError(
+            "adapter.type 'qlora' needs the bitsandbytes package on the worker; install it or use 'lora'"
+        )
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type,
+        bnb_4bit_use_double_quant=quantize.double_quant, bnb_4bit_compute_dtype=dtype,
+    )
+    placement = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa", quantization_config=config, device_map=placement
+    )
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # On AVX512-BF16 CPUs bitsandbytes repacks the 4-bit weights in place at the first
+            # eval-mode forward and computes in bf16 from then on: evaluation would change the
+            # numbers of every later training step (and break exact resume). One kernel throughout.
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+PackedAttention = Literal["dense_mask", "flash_varlen", "flex"]
+
+
+def packed_attention(device: torch.device) -> PackedAttention:
+    """Returns how packed rows keep their sequences apart on ``device``.
+
+    - ``flash_varlen``: CUDA with the flash-attn package: one padding-free row, flash-attention's
+      varlen kernel finds the sequences from the restarting ``position_ids``.
+    - ``flex``: CUDA without flash-attn: one padding-free row and PyTorch's flex attention with a
+      block-sparse document mask (``document_mask``).
+    - ``dense_mask``: CPU: a [B, 1, L, L] block-diagonal mask under SDPA, rows no longer than the
+      micro-batch's longest example. Flex attention has no backward pass on CPU (torch 2.13) and
+      position_ids alone do not separate sequences under SDPA (REFERENCE "Packing").
+    Neither CUDA path was ever run in this project (no GPU in its tests).
+    """
+    if device.type != "cuda":
+        return "dense_mask"
+    return "flash_varlen" if importlib.util.find_spec("flash_attn") is not None else "flex"
+
+
+ATTENTION_IMPLEMENTATION: dict[str, str] = {
+    "dense_mask": "sdpa", "flash_varlen": "flash_attention_2", "flex": "flex_attention",
+}
+
+
+def use_attention(model: nn.Module, implementation: str) -> None:
+    """Switches the model's attention implementation (the model is rebuilt per stage, so it stays)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner.set_attn_implementation(implementation)
+
+
+def document_mask(seq_lengths: torch.Tensor, device: torch.device) -> Any:
+    """Returns flex attention's causal block mask keeping each of ``seq_lengths``'s sequences apart."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = seq_lengths.to(device).long()
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def causal_within(batch: Any, head: Any, query: Any, key: Any) -> Any:
+        return (doc[query] == doc[key]) & (query >= key)
+
+    total = int(seq_lengths.sum())
+    return create_block_mask(causal_within, None, None, total, total, device=str(device))
+
+
+def quantization_available() -> bool:
+    """Returns whether bitsandbytes (4-bit weights for QLoRA) can be imported here."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns the float32 weights of every 4-bit linear layer of ``model``, by plain-model module name.
+
+    These are the weights a QLoRA adapter was trained against; empty for an unquantised model.
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    out: dict[str, torch.Tensor] = {}
+    for name, module in inner.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        import bitsandbytes.functional as bnb_functional
+
+        plain = name.removesuffix(".base_layer")
+        out[plain] = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+    return out
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool | None, device: torch.device) -> bool:
+    """Returns whether activation checkpointing is on after applying the run's setting to ``model``.
+
+    ``None`` means on for CUDA (activations of long rows dominate GPU memory) and off on CPU
+    (where memory is plentiful and the recompute costs a third more time). Non-reentrant
+    checkpointing: it needs no ``requires_grad`` input (frozen embeddings under LoRA), works with
+    the LoRA dropout (RNG state is replayed on recompute) and gives the same gradients.
+    """
+    on = device.type == "cuda" if enabled is None else enabled
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    return on
 
 
 def load_policy(
@@ -68,7 +193,8 @@ def load_policy(
         model = load_base_model(start_dir or base_model_dir, torch.float32, device)
         model.requires_grad_(True)
         return model
-    base = load_base_model(base_model_dir, base_dtype(adapter, device), device)
+    quantize = adapter if isinstance(adapter, QLoraAdapter) else None
+    base = load_base_model(base_model_dir, base_dtype(adapter, device), device, quantize)
     if start_dir is not None:
         return PeftModel.from_pretrained(base, start_dir, adapter_name=POLICY_ADAPTER, is_trainable=True)
     lora = LoraConfig(
@@ -108,6 +234,21 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout of ``model`` to 0 (LoRA dropout included), as TRL does for RL and DPO.
+
+    Methods that compare the policy with itself or with a dropout-free reference (PPO's ratio to
+    its rollout's log-probs, DPO's margins against the reference) must see the same function in
+    both forwards: train mode may then differ from eval mode in nothing else.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # Attention dropout is applied functionally from a float attribute (e.g. Llama, Qwen2).
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Returns the parameters that train, by name (LoRA weights, or everything for full FT)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -118,8 +259,12 @@ def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
     Lets losses project only the positions they need instead of computing full-vocabulary logits
     everywhere. The head may be LoRA-wrapped. None when the model post-processes logits after
-    the head (soft-capping, logit scaling), in which case callers use the full forward.
+    the head (soft-capping, logit scaling), in which case callers use the full forward. None for an
+    FSDP-sharded model too: its root's weights (embeddings, final norm, head) are only gathered by
+    the root's own forward.
     """
+    if isinstance(model, FSDPModule):
+        return None
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     backbone = getattr(inner, inner.base_model_prefix, None)
     head = inner.get_output_embeddings()
@@ -132,20 +277,33 @@ def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def label_logits(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Returns logits [N, V] at the N positions whose label is not IGNORE_INDEX, in row-major order.
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the LM head is applied to, so losses can project a chunk of positions at a time.
 
-    ``labels`` [B, T] are already shifted (``labels[:, t]`` is the target of position t, as
-    ``trainer_core.data.packing`` builds them). Only those positions go through the LM head:
-    prompt, padding and packing-boundary tokens never get full-vocabulary logits (with a small
-    model the head is a large share of the FLOPs).
+    ``hidden`` [B, T, H]: the backbone's last hidden states; ``head`` maps them to ``vocab`` logits.
+    ``head_weight``: the head's weight when it is a plain bias-free linear layer (fused kernels
+    take it), else None. For a model that post-processes its logits (see ``output_projection``),
+    ``hidden`` holds the logits themselves and ``head`` is the identity.
     """
-    keep = labels != IGNORE_INDEX
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+    vocab: int
+    head_weight: torch.Tensor | None
+
+
+def head_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> HeadInputs:
+    """Returns the backbone's output for ``inputs`` and the head that turns it into logits."""
     parts = output_projection(model)
     if parts is None:
-        return model(**inputs).logits[keep]
+        logits = model(**inputs).logits
+        return HeadInputs(logits, nn.Identity(), logits.shape[-1], None)
     backbone, head = parts
-    return head(backbone(**inputs).last_hidden_state[keep])
+    # A LoRA-wrapped or 4-bit head is not a plain linear layer: fused kernels would skip its adapter.
+    plain = type(head) is nn.Linear and head.bias is None
+    vocab = int(getattr(head, "out_features", 0) or model.config.get_text_config().vocab_size)
+    return HeadInputs(backbone(**inputs).last_hidden_state, head, vocab, head.weight if plain else None)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -189,11 +347,15 @@ class ReferencePolicy:
                     yield model
                 else:
                     if self._frozen is None:
-                        self._frozen = load_base_model(self.start_dir, torch.float32, self.device)
+                        self._frozen = load_base_model(self.start_dir, frozen_dtype(self.device), self.device)
                         self._frozen.requires_grad_(False).eval()
                     yield self._frozen
         finally:
             if isinstance(model, PeftModel):
+                # A sharded model's root keeps its gathered weights after a forward without backward;
+                # put the sharded ones back first, or set_adapter would re-enable grads on the
+                # gathered copies and leave the sharded policy weights frozen.
+                reshard(model)
                 # set_adapter re-enables grads on the policy adapter and freezes the reference.
                 model.set_adapter(POLICY_ADAPTER)
             model.train(was_training)

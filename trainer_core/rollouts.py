@@ -17,15 +17,11 @@ from transformers import PreTrainedTokenizerBase
 from trainer_core.config import GRPOStage, PPOStage
 from trainer_core.curriculum import PromptSchedule
 from trainer_core.data.render import render_prompt
-from trainer_core.generation import (
-    Completions,
-    eval_mode,
-    sample_completions,
-    seeded_generator,
-    stop_token_ids,
-)
+from trainer_core.generation import Completions, eval_mode, seeded_generator, stop_token_ids
 from trainer_core.graders.scoring import build_grader
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext, weighted_mean
+from trainer_core.modeling import disable_dropout
+from trainer_core.rollout_engines import RolloutEngine, build_engine
 
 RolloutStage = GRPOStage | PPOStage
 
@@ -67,21 +63,36 @@ class PromptRollouts:
             difficulties, prompts_per_step, ctx.seed, ctx.stage_index, stage.curriculum
         )
         self.scorer = build_grader(stage.reward, ctx.graders)
+        self.engine: RolloutEngine = build_engine(
+            stage.rollout, sglang_url=ctx.rollout_sglang_url, work_dir=ctx.work_dir,
+            name_prefix=f"policy-{ctx.seed}-{ctx.stage_index}",
+        )
         self._stop_ids: list[int] = []
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Reads the stop tokens of the policy being trained."""
+        """Reads the stop tokens of the policy being trained and turns its dropout off.
+
+        Policy forwards in RL run without dropout (as TRL's): the log-probs a rollout is scored
+        with (eval mode) and those of the loss (train mode) must come from the same function, or
+        the ratio is not 1 before any update.
+        """
         self._stop_ids = stop_token_ids(model, tokenizer)
+        disable_dropout(model)
 
     def sample(
         self, model: nn.Module, prompts: Sequence[list[int]], items: Sequence[dict[str, Any]],
-        repeats: int, generator: torch.Generator,
+        repeats: int, generator: torch.Generator, version: int,
     ) -> Rollout:
-        """Returns ``repeats`` scored completions per prompt, grouped consecutively."""
+        """Returns ``repeats`` scored completions per prompt, grouped consecutively.
+
+        ``version`` numbers the policy weights (the optimizer step about to be taken): engines
+        that hold their own copy (SGLang) reload when it changes.
+        """
         stage = self._stage
-        completions = sample_completions(
+        completions = self.engine.sample(
             model,
             [ids for ids in prompts for _ in range(repeats)],
+            version=version,
             max_new_tokens=stage.max_new_tokens,
             eos_token_ids=self._stop_ids,
             pad_token_id=self._ctx.tokenizer.pad_token_id,
@@ -100,13 +111,17 @@ class PromptRollouts:
         return Rollout(completions, rewards, metrics)
 
     def sample_step(
-        self, model: nn.Module, indices: Sequence[int], repeats: int, generator: torch.Generator
+        self, model: nn.Module, indices: Sequence[int], repeats: int, generator: torch.Generator, step: int
     ) -> Rollout:
-        """Returns the scored completions of training prompts ``indices``."""
+        """Returns the scored completions of training prompts ``indices`` sampled before step ``step``."""
         prompts = [self._train[i] for i in indices]
-        return self.sample(model, prompts, [self._train_items[i] for i in indices], repeats, generator)
+        return self.sample(model, prompts, [self._train_items[i] for i in indices], repeats, generator, step)
 
-    def evaluate(self, model: nn.Module, batch_size: int) -> dict[str, float] | None:
+    def mismatch_logps(self, rollout: Rollout) -> torch.Tensor | None:
+        """Returns the engine's token log-probs when the loss must correct for them, else None."""
+        return rollout.completions.logps if self.engine.corrects_mismatch else None
+
+    def evaluate(self, model: nn.Module, batch_size: int, version: int) -> dict[str, float] | None:
         """Returns ``reward`` and per-function means of one seeded sample per eval prompt, or None."""
         if not self._eval:
             return None
@@ -117,7 +132,7 @@ class PromptRollouts:
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(self._eval), batch_size):
                 part = slice(start, start + batch_size)
-                rollout = self.sample(model, self._eval[part], items[part], 1, generator)
+                rollout = self.sample(model, self._eval[part], items[part], 1, generator, version)
                 reward = float(rollout.rewards.mean())
                 parts.append(({"reward": reward, **rollout.metrics}, len(rollout.rewards)))
         return weighted_mean(parts)

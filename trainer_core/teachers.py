@@ -23,8 +23,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer_core.errors import TrainingDataError
+from trainer_core.losses.chunked import map_logit_chunks
 from trainer_core.losses.sad import DenseTeacher, SparseTeacher, Teacher
 from trainer_core.model_folders import ModelFolders
+from trainer_core.modeling import frozen_dtype, head_inputs
 from trainer_core.spans import TokenizedTrajectory
 
 # Printable ASCII text for the SGLang vocabulary probe: its tokens decode to the same strings in
@@ -111,12 +113,12 @@ def stored_teacher(
     return TeacherBatch(SparseTeacher(ids, logprobs), available)
 
 
-def _load_teacher_model(folders: ModelFolders) -> tuple[torch.nn.Module, Path]:
+def _load_teacher_model(folders: ModelFolders, dtype: torch.dtype) -> tuple[torch.nn.Module, Path]:
     """Returns the teacher model (base, merged, or adapter over its base) and the folder of its tokenizer."""
     if not folders.weights.is_dir():
         what = f"teacher adapter {folders.adapter} applies to" if folders.adapter else "teacher"
         raise TrainingDataError(f"{what} {folders.weights}, which is not available here")
-    model = AutoModelForCausalLM.from_pretrained(folders.weights, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folders.weights, dtype=dtype)
     if folders.adapter is None:
         return model, folders.weights
     model = PeftModel.from_pretrained(model, folders.adapter)
@@ -136,7 +138,7 @@ class LocalTeacher:
         self.device = torch.device(device)
         self.top_k = top_k
         folders = model if isinstance(model, ModelFolders) else ModelFolders.of(Path(model))
-        loaded, tokenizer_dir = _load_teacher_model(folders)
+        loaded, tokenizer_dir = _load_teacher_model(folders, frozen_dtype(self.device))
         self.model = loaded.to(self.device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.name = str(folders.adapter or folders.weights)
@@ -148,14 +150,21 @@ class LocalTeacher:
     @torch.no_grad()
     def distributions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherBatch:
         """Returns the teacher's distribution at every real position of a right-padded batch."""
-        logits = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).logits.float()
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
         available = attention_mask.bool().to(self.device)
         if self.top_k is None:
-            return TeacherBatch(DenseTeacher(logits), available)
-        logprobs, ids = logits.log_softmax(dim=-1).topk(self.top_k, dim=-1)
-        return TeacherBatch(SparseTeacher(ids, logprobs), available)
+            return TeacherBatch(DenseTeacher(self.model(**inputs).logits.float()), available)
+        out = head_inputs(self.model, inputs)
+        top_k = self.top_k
+
+        def top(logits: torch.Tensor, where: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return logits.float().log_softmax(dim=-1).topk(top_k, dim=-1)
+
+        # A chunk of positions at a time: the full-vocabulary log-softmax of a long batch is never held.
+        flat = out.hidden.reshape(-1, out.hidden.shape[-1])
+        logprobs, ids = map_logit_chunks(flat, out.head, top, out.vocab)
+        shape = (*input_ids.shape, top_k)
+        return TeacherBatch(SparseTeacher(ids.view(shape), logprobs.view(shape)), available)
 
 
 class SGLangTeacher:

@@ -1,8 +1,15 @@
 """SGLang backend: an SGLang server reached over HTTP, with LoRA adapters loaded on demand.
 
-Facts used (REFERENCE.md, SGLang): `POST /load_lora_adapter {"lora_name","lora_path"}` and
-`POST /unload_lora_adapter {"lora_name"}` answer 200 or 400; the OpenAI-compatible endpoints pick an
-adapter with `"model": "BASE:NAME"`; `GET /get_model_info` gives the served `model_path`.
+Facts used (REFERENCE.md, SGLang, checked against v0.5.4's source): `POST /load_lora_adapter
+{"lora_name","lora_path"}` and `POST /unload_lora_adapter {"lora_name"}` answer 200 or 400 with
+`{"success": false, "error_message", "loaded_adapters"}`; loading a name the server already holds
+is such a 400 (after an API restart, or from a second API process), which means "loaded". The
+OpenAI-compatible endpoints pick an adapter with `"model": "BASE:NAME"` (from v0.5.4; 0.5.3
+answers with the base model, silently) and accept `"lora_path": NAME` too, so adapters need a
+server of at least ``MIN_LORA_VERSION`` (``GET /get_server_info`` gives its `version`). An error
+during a stream arrives as HTTP 200 and a `data: {"error": …}` event. `seed` is ignored by 0.5.4,
+so a seeded request is refused rather than silently unseeded. `GET /get_model_info` gives the
+served `model_path`.
 Adapters are named by checkpoint id and loaded from the shared checkpoint storage, which the API and
 the SGLang server mount at the same path. A short connect timeout makes a server that is down
 answer 503 at once instead of hanging the request.
@@ -11,6 +18,7 @@ answer 503 at once instead of hanging the request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -31,6 +39,8 @@ from app.inference.types import (
 )
 from trainer_core.config import SamplingParams, TokenLogprob
 
+MIN_LORA_VERSION = (0, 5, 4)
+
 
 def request_body(served: str, adapter: str | None, prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
     """Returns the OpenAI-shaped body SGLang expects for a chat (message list) or a text prompt."""
@@ -41,10 +51,10 @@ def request_body(served: str, adapter: str | None, prompt: Prompt, params: Sampl
         "top_p": params.top_p,
         "n": params.n,
     }
+    if adapter:
+        body["lora_path"] = adapter
     if params.stop:
         body["stop"] = list(params.stop)
-    if params.seed is not None:
-        body["seed"] = params.seed
     if isinstance(prompt, str):
         body["prompt"] = prompt
         if params.logprobs:
@@ -55,6 +65,16 @@ def request_body(served: str, adapter: str | None, prompt: Prompt, params: Sampl
             body["logprobs"] = True
             body["top_logprobs"] = params.top_logprobs
     return body
+
+
+def refuse_unsupported(params: SamplingParams) -> None:
+    """Returns when SGLang honours every parameter; raises ApiError naming the one it would ignore."""
+    if params.seed is not None:
+        raise ApiError(
+            "seed is not supported by the SGLang backend (SGLang 0.5.4 ignores it, so the request would "
+            "not repeat); leave seed out, or use temperature 0 for reproducible output",
+            code="unsupported_parameter", param="seed",
+        )
 
 
 def _finish(reason: str | None) -> FinishReason:
@@ -105,7 +125,14 @@ def parse_generation(model_id: str, data: dict[str, Any]) -> Generation:
 
 
 def parse_chunk(data: dict[str, Any]) -> list[Delta]:
-    """Returns the deltas of one streamed chunk (chat `delta.content` or completions `text`)."""
+    """Returns the deltas of one streamed chunk (chat `delta.content` or completions `text`).
+
+    Raises ApiError for an error event (`{"error": {...}}`), which SGLang sends inside a 200 stream.
+    """
+    error = data.get("error")
+    if error:
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise ApiError(f"SGLang failed during the stream: {message}", code="inference_rejected")
     out = []
     for raw in data.get("choices", []):
         text = (raw.get("delta") or {}).get("content") or "" if "delta" in raw else raw.get("text") or ""
@@ -121,12 +148,37 @@ def parse_chunk(data: dict[str, Any]) -> list[Delta]:
     return out
 
 
+def parse_version(text: str) -> tuple[int, ...]:
+    """Returns the leading numeric release of a version string ("0.5.4.post1" -> (0, 5, 4))."""
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _already_loaded(response: httpx.Response, name: str) -> bool:
+    """Returns whether a refused load means the server holds ``name`` already."""
+    try:
+        data = response.json()
+    except ValueError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    loaded = data.get("loaded_adapters") or {}
+    return name in loaded or "already" in str(data.get("error_message", "")).lower()
+
+
 def _server_message(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:
         return response.text[:500]
     if isinstance(data, dict):
+        if data.get("error_message"):
+            return str(data["error_message"])
         error = data.get("error")
         if isinstance(error, dict):
             return str(error.get("message", error))
@@ -156,8 +208,9 @@ class SGLangBackend:
         self._in_use: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._served_path: str | None = None
+        self._lora_version_ok = False
 
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, path: str, body: dict[str, Any], *, check: bool = True) -> httpx.Response:
         try:
             response = await self._client.post(path, json=body)
         except httpx.TimeoutException as exc:
@@ -172,7 +225,8 @@ class SGLangBackend:
                 "or set TUNEYARD_INFERENCE_BACKEND=local",
                 code="inference_unavailable",
             ) from exc
-        self._raise_for_status(path, response)
+        if check:
+            self._raise_for_status(path, response)
         return response
 
     def _raise_for_status(self, path: str, response: httpx.Response) -> None:
@@ -183,19 +237,37 @@ class SGLangBackend:
             raise ServiceUnavailable(message, code="inference_unavailable")
         raise ApiError(message, code="inference_rejected")
 
+    async def _get(self, path: str) -> dict[str, Any]:
+        try:
+            response = await self._client.get(path)
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(
+                f"the SGLang server at {self.url} is not reachable ({type(exc).__name__})",
+                code="inference_unavailable",
+            ) from exc
+        self._raise_for_status(path, response)
+        return response.json()
+
     async def served_model_path(self) -> str:
         """Returns the `model_path` the SGLang server serves (asked once)."""
         if self._served_path is None:
-            try:
-                response = await self._client.get("/get_model_info")
-            except httpx.TransportError as exc:
-                raise ServiceUnavailable(
-                    f"the SGLang server at {self.url} is not reachable ({type(exc).__name__})",
-                    code="inference_unavailable",
-                ) from exc
-            self._raise_for_status("/get_model_info", response)
-            self._served_path = str(response.json()["model_path"])
+            self._served_path = str((await self._get("/get_model_info"))["model_path"])
         return self._served_path
+
+    async def _check_lora_version(self) -> None:
+        """Returns when the server picks adapters per request; refuses older servers (asked once)."""
+        if self._lora_version_ok:
+            return
+        version = str((await self._get("/get_server_info")).get("version", ""))
+        if parse_version(version) < MIN_LORA_VERSION:
+            wanted = ".".join(map(str, MIN_LORA_VERSION))
+            raise ServiceUnavailable(
+                f"the SGLang server at {self.url} is version {version or 'unknown'}; serving adapters needs "
+                f"SGLang >= {wanted} (older servers answer adapter requests with the base model); "
+                f"upgrade the sglang image (SGLANG_TAG=v{wanted})",
+                code="inference_unavailable",
+            )
+        self._lora_version_ok = True
 
     async def _target(self, model: ResolvedModel) -> tuple[str, str | None]:
         """Returns (served model name, adapter name or None), refusing models this server cannot serve."""
@@ -215,6 +287,7 @@ class SGLangBackend:
     async def _acquire_adapter(self, model: ResolvedModel) -> None:
         name, path = model.id, model.checkpoint_path
         assert path is not None
+        await self._check_lora_version()
         async with self._lock:
             self._in_use[name] = self._in_use.get(name, 0) + 1
             if name in self._adapters:
@@ -226,7 +299,10 @@ class SGLangBackend:
                 await self._post("/unload_lora_adapter", {"lora_name": victim})
                 del self._adapters[victim]
             try:
-                await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+                body = {"lora_name": name, "lora_path": str(path)}
+                response = await self._post("/load_lora_adapter", body, check=False)
+                if not (response.status_code == 400 and _already_loaded(response, name)):
+                    self._raise_for_status("/load_lora_adapter", response)
             except BaseException:
                 self._release_adapter(name)
                 raise
@@ -239,6 +315,7 @@ class SGLangBackend:
 
     async def generate(self, model: ResolvedModel, prompt: Prompt, params: SamplingParams) -> Generation:
         """Returns the generation from SGLang's OpenAI-compatible endpoint."""
+        refuse_unsupported(params)
         served, adapter = await self._target(model)
         if adapter:
             await self._acquire_adapter(model)
@@ -254,6 +331,7 @@ class SGLangBackend:
         self, model: ResolvedModel, prompt: Prompt, params: SamplingParams
     ) -> AsyncIterator[Delta]:
         """Yields deltas parsed from SGLang's server-sent events."""
+        refuse_unsupported(params)
         served, adapter = await self._target(model)
         if adapter:
             await self._acquire_adapter(model)

@@ -18,6 +18,7 @@ NEEDS_SERVICES = {"api_load.py", "metrics_ingest.py", "upload.py"}
 # A line each script prints only when it got to its figures.
 FINAL_LINE = {
     "train_throughput.py": "real tokens/s (median of 1)",
+    "train_memory.py": "losses agree across settings",
     "api_load.py": "target run: status",
     "metrics_ingest.py": "replay of the last 10% of steps",
     "upload.py": "target RSS growth",

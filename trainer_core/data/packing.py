@@ -83,15 +83,16 @@ def _finish(batch: dict[str, torch.Tensor], segments: list[int], num_tokens: int
 
 def collate_packed(
     rows: Sequence[Sequence[RenderedExample]], pad_token_id: int, *, dtype: torch.dtype = torch.float32,
-    pad_to: int | None = None,
+    pad_to: int | None = None, dense_mask: bool = True,
 ) -> Batch:
     """Returns one batch with each row's examples packed side by side (keys in the module docstring).
 
-    `dtype` is the attention mask's (use the model's compute dtype); `pad_to` fixes the row length.
+    `dtype` is the attention mask's (use the model's compute dtype); `pad_to` fixes the row length;
+    `dense_mask=False` leaves the O(L²) mask out (for varlen attention, see `collate_flat`).
     """
     length = pad_to or max(sum(len(e) for e in row) for row in rows)
     batch = _new_batch(len(rows), length, pad_token_id)
-    blocked = torch.ones((len(rows), length, length), dtype=torch.bool)
+    blocked = torch.ones((len(rows), length, length) if dense_mask else (len(rows), 0, 0), dtype=torch.bool)
     segments: list[int] = []
     num_tokens = 0
     for b, row in enumerate(rows):
@@ -102,18 +103,32 @@ def collate_packed(
             batch["labels"][b, start:end] = torch.tensor(_shifted_labels(example))
             batch["position_ids"][b, start:end] = torch.arange(len(example))
             segments.append(len(example))
-            blocked[b, start:end, start:end] = False
+            if dense_mask:
+                blocked[b, start:end, start:end] = False
             start = end
         num_tokens += start
         if start < length:
             # Padding is a segment of its own so every query row attends somewhere (no NaN rows).
             batch["position_ids"][b, start:] = torch.arange(length - start)
-            blocked[b, start:, start:] = False
+            if dense_mask:
+                blocked[b, start:, start:] = False
             segments.append(length - start)
+    if not dense_mask:
+        return _finish(batch, segments, num_tokens)
     blocked |= torch.ones((length, length), dtype=torch.bool).triu(1)
     mask = torch.zeros((len(rows), 1, length, length), dtype=dtype)
     mask.masked_fill_(blocked.unsqueeze(1), float("-inf"))
     return _finish({**batch, "attention_mask": mask}, segments, num_tokens)
+
+
+def collate_flat(examples: Sequence[RenderedExample], pad_token_id: int) -> Batch:
+    """Returns one padding-free row [1, T] holding every example end to end, with no attention mask.
+
+    Keys as in the module docstring except `attention_mask` (absent): a varlen attention path
+    separates the examples from the restarting `position_ids` (flash-attention) or from a
+    document mask built from `seq_lengths` (flex attention). Memory is O(T), not O(T²).
+    """
+    return collate_packed([list(examples)], pad_token_id, dense_mask=False)
 
 
 def collate_padded(

@@ -73,3 +73,25 @@ def policy_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the mean token entropy of the policy over ``mask`` (detached; PPO's ``policy/entropy``)."""
     with torch.no_grad():
         return masked_mean(token_entropy(logits), mask)
+
+
+def truncated_importance_weights(
+    trainer_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, Metrics]:
+    """Return ``(weights, metrics)``: per-token min(pi_train / pi_engine, cap), detached, 0 off ``mask``.
+
+    Corrects for sampling with an engine whose probabilities differ slightly from the trainer's
+    (truncated importance sampling, as TRL's vLLM path and verl do). Metrics: ``rollout/is_weight``
+    (mean weight), ``rollout/is_truncated`` (fraction of tokens at the cap) and
+    ``rollout/logp_gap`` (mean |log pi_train - log pi_engine|).
+    """
+    mask = mask.bool()
+    gap = (trainer_logps - engine_logps).detach().float()
+    ratio = torch.exp(gap)
+    weights = torch.where(mask, ratio.clamp(max=cap), torch.zeros_like(ratio))
+    metrics: Metrics = {
+        "rollout/is_weight": masked_mean(weights, mask),
+        "rollout/is_truncated": masked_mean((ratio > cap).float(), mask),
+        "rollout/logp_gap": masked_mean(gap.abs(), mask),
+    }
+    return weights, metrics

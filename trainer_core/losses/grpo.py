@@ -78,6 +78,7 @@ def grpo_loss(
     aggregation: GrpoAggregation = "grpo",
     reduction: Reduction = "mean",
     num_tokens_in_batch: int | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: the clipped GRPO surrogate plus beta * k3 KL.
 
@@ -90,6 +91,8 @@ def grpo_loss(
     per token. ``reduction="sum"`` drops the final division: the sum of per-sequence means
     ("grpo", units: sequences) or the token sum ("dapo", units: masked tokens). With "dapo",
     ``num_tokens_in_batch`` replaces this call's token count as the divisor (1 equals "sum").
+    ``is_weights`` [B, T] (detached; ``losses.common.truncated_importance_weights``) multiply each
+    token's loss when completions were sampled by another engine (TRL's vLLM correction).
     Metrics: ``kl`` (masked mean k3 KL; only when ``ref_logps`` is given), ``clip_ratio`` (fraction
     of tokens whose clipped term was the active one), ``clip_ratio/low``, ``clip_ratio/high``.
     """
@@ -113,6 +116,8 @@ def grpo_loss(
         kl = torch.exp(log_ref_over_policy) - log_ref_over_policy - 1
         if beta != 0:
             per_token = per_token + beta * kl
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
 
     if aggregation == "grpo":
         per_sequence = masked_mean(per_token, mask, dim=-1)

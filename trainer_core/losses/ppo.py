@@ -115,12 +115,15 @@ def ppo_loss(
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
     reduction: Reduction = "mean",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Return ``(loss, metrics)``: clipped policy loss + vf_coef * clipped value loss over ``mask``.
 
     All inputs [B, T]. ``old_logps``/``old_values`` come from the rollout; ``advantages`` (usually
     whitened) and ``returns`` from ``gae``. pg = mean max(-A rho, -A clip(rho, 1 +- cliprange));
     vf = 0.5 mean max((V - R)^2, (clip(V, V_old +- cliprange_value) - R)^2).
+    ``is_weights`` [B, T] (detached truncated importance weights, when another engine sampled the
+    rollout) multiply the policy term per token.
     ``reduction="sum"`` returns the token sum of pg_t + vf_coef vf_t instead (units: masked tokens);
     the metrics stay token means.
     Metrics: ``loss/policy``, ``loss/value``, ``loss/total``, ``policy/approxkl``,
@@ -137,6 +140,8 @@ def ppo_loss(
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
     pg_per_token = torch.maximum(pg_unclipped, pg_clipped)
+    if is_weights is not None:
+        pg_per_token = pg_per_token * is_weights.detach()
     policy_loss = masked_mean(pg_per_token, mask)
 
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from trainer_core.losses import divergences
+from trainer_core.losses.chunked import Project, map_logit_chunks
 from trainer_core.losses.common import IGNORE_INDEX, Metrics
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "symmetric_kl", "alpha", "ce"]
@@ -91,7 +92,8 @@ def _divergence(
 
 
 def _validate(
-    student_logits: torch.Tensor,
+    positions: torch.Size,
+    vocab: int,
     reasoning_mask: torch.Tensor,
     action_mask: torch.Tensor,
     teacher: Teacher | None,
@@ -109,16 +111,15 @@ def _validate(
         raise ValueError(f"weighting must be one of {SPAN_WEIGHTINGS}, got {weighting!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    positions = student_logits.shape[:-1]
     if reasoning_mask.shape != positions or action_mask.shape != positions:
         raise ValueError(
             f"reasoning_mask {tuple(reasoning_mask.shape)} and action_mask {tuple(action_mask.shape)} "
             f"must match student_logits positions {tuple(positions)}"
         )
-    if isinstance(teacher, DenseTeacher) and teacher.logits.shape != student_logits.shape:
+    if isinstance(teacher, DenseTeacher) and teacher.logits.shape != (*positions, vocab):
         raise ValueError(
             f"dense teacher logits {tuple(teacher.logits.shape)} must match student logits "
-            f"{tuple(student_logits.shape)} (same positions and vocabulary)"
+            f"{(*positions, vocab)} (same positions and vocabulary)"
         )
     if isinstance(teacher, SparseTeacher) and (
         teacher.token_ids.shape != teacher.logprobs.shape or teacher.token_ids.shape[:-1] != positions
@@ -197,32 +198,124 @@ def sad_loss(
     is comparable whatever divergence is trained).
     """
     _validate(
-        student_logits, reasoning_mask, action_mask, teacher, labels,
+        student_logits.shape[:-1], student_logits.shape[-1], reasoning_mask, action_mask, teacher, labels,
         divergence, weighting, temperature, tail_bucket, progress,
     )
-    reasoning_mask = reasoning_mask.bool()
-    action_mask = action_mask.bool()
-    if divergence == "ce":
-        assert labels is not None
-        has_label = labels != ignore_index
-        reasoning_mask = reasoning_mask & has_label
-        action_mask = action_mask & has_label
-    loss_positions = reasoning_mask | action_mask
-    is_reasoning = reasoning_mask[loss_positions]
-    is_action = action_mask[loss_positions]
-    student = student_logits[loss_positions]
+    spans = _Spans.of(reasoning_mask, action_mask, labels if divergence == "ce" else None, ignore_index)
+    terms = _token_terms(
+        student_logits[spans.positions], _select(teacher, spans.positions),
+        None if labels is None else labels[spans.positions],
+        divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, alpha=alpha,
+        tail_bucket=tail_bucket, weighting=weighting,
+    )
+    return _reduce(spans, *terms, teacher is not None, weighting=weighting, reasoning_weight=reasoning_weight,
+                   action_weight=action_weight, reasoning_weight_end=reasoning_weight_end,
+                   action_weight_end=action_weight_end, progress=progress)
 
-    kl_per_token: torch.Tensor | None = None
-    confidence: torch.Tensor = torch.ones(is_reasoning.shape, device=student.device)
+
+def sad_loss_from_hidden(
+    hidden: torch.Tensor,
+    head: Project,
+    vocab: int,
+    reasoning_mask: torch.Tensor,
+    action_mask: torch.Tensor,
+    *,
+    teacher: Teacher | None = None,
+    labels: torch.Tensor | None = None,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    alpha: float = 0.5,
+    tail_bucket: bool = True,
+    weighting: SpanWeighting = "span_type",
+    reasoning_weight: float = 1.0,
+    action_weight: float = 1.0,
+    reasoning_weight_end: float | None = None,
+    action_weight_end: float | None = None,
+    progress: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Return ``sad_loss``'s ``(loss, metrics)`` for the student logits ``head(hidden)``, a chunk at a time.
+
+    ``hidden`` [B, T, H]: the student's last hidden states; ``head`` maps them to ``vocab`` logits.
+    Only span positions are projected, ``rows`` positions at a time
+    (``trainer_core.losses.chunked``), so no [tokens x vocab] tensor is ever held whole.
+    """
+    _validate(
+        hidden.shape[:-1], vocab, reasoning_mask, action_mask, teacher, labels,
+        divergence, weighting, temperature, tail_bucket, progress,
+    )
+    spans = _Spans.of(reasoning_mask, action_mask, labels if divergence == "ce" else None, ignore_index)
+    selected_teacher = _select(teacher, spans.positions)
+    selected_labels = None if labels is None else labels[spans.positions]
+
+    def fn(logits: torch.Tensor, where: slice) -> tuple[torch.Tensor, ...]:
+        return _token_terms(
+            logits, _select(selected_teacher, where),
+            None if selected_labels is None else selected_labels[where],
+            divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, alpha=alpha,
+            tail_bucket=tail_bucket, weighting=weighting,
+        )
+
+    terms = map_logit_chunks(hidden[spans.positions], head, fn, vocab, rows)
+    return _reduce(spans, *terms, teacher is not None, weighting=weighting, reasoning_weight=reasoning_weight,
+                   action_weight=action_weight, reasoning_weight_end=reasoning_weight_end,
+                   action_weight_end=action_weight_end, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """The loss positions [B, T] and, over them, which are reasoning and which action tokens."""
+
+    positions: torch.Tensor
+    is_reasoning: torch.Tensor
+    is_action: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, reasoning_mask: torch.Tensor, action_mask: torch.Tensor, labels: torch.Tensor | None,
+        ignore_index: int,
+    ) -> _Spans:
+        reasoning_mask, action_mask = reasoning_mask.bool(), action_mask.bool()
+        if labels is not None:
+            # Cross-entropy needs a label: positions without one drop out of the spans.
+            has_label = labels != ignore_index
+            reasoning_mask, action_mask = reasoning_mask & has_label, action_mask & has_label
+        positions = reasoning_mask | action_mask
+        return cls(positions, reasoning_mask[positions], action_mask[positions])
+
+
+def _select(teacher: Teacher | None, where: torch.Tensor | slice) -> Teacher | None:
+    """Returns the teacher at the positions ``where`` selects (a [B, T] mask or a row slice)."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, DenseTeacher):
+        return DenseTeacher(teacher.logits[where])
+    return SparseTeacher(teacher.token_ids[where], teacher.logprobs[where])
+
+
+
+def _token_terms(
+    student: torch.Tensor,
+    teacher: Teacher | None,
+    labels: torch.Tensor | None,
+    *,
+    divergence: str,
+    temperature: float,
+    jsd_beta: float,
+    alpha: float,
+    tail_bucket: bool,
+    weighting: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns per-position ``(loss term, forward KL (detached; 0 without teacher), confidence)``.
+
+    ``student`` [N, V] logits at loss positions; ``teacher`` and ``labels`` at the same positions.
+    """
+    kl_per_token = torch.zeros(student.shape[0], device=student.device)
+    confidence = torch.ones(student.shape[0], device=student.device)
     if teacher is not None:
-        selected_teacher: Teacher
-        if isinstance(teacher, DenseTeacher):
-            selected_teacher = DenseTeacher(teacher.logits[loss_positions])
-        else:
-            selected_teacher = SparseTeacher(
-                teacher.token_ids[loss_positions], teacher.logprobs[loss_positions]
-            )
-        student_logp, teacher_logp = _aligned_logps(student, selected_teacher, temperature, tail_bucket)
+        student_logp, teacher_logp = _aligned_logps(student, teacher, temperature, tail_bucket)
         teacher_logp = teacher_logp.detach()
         with torch.no_grad():
             kl_per_token = divergences.forward_kl(student_logp.detach(), teacher_logp)
@@ -230,14 +323,31 @@ def sad_loss(
                 support = teacher_logp.shape[-1]
                 if support > 1:
                     confidence = 1 - divergences.entropy(teacher_logp) / math.log(support)
-
     if divergence == "ce":
         assert labels is not None
         student_all = torch.log_softmax(student.float(), dim=-1)
-        per_token = -student_all.gather(-1, labels[loss_positions].unsqueeze(-1)).squeeze(-1)
+        per_token = -student_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     else:
         per_token = temperature**2 * _divergence(divergence, student_logp, teacher_logp, jsd_beta, alpha)
+    return per_token, kl_per_token, confidence
 
+
+def _reduce(
+    spans: _Spans,
+    per_token: torch.Tensor,
+    kl_per_token: torch.Tensor,
+    confidence: torch.Tensor,
+    has_teacher: bool,
+    *,
+    weighting: str,
+    reasoning_weight: float,
+    action_weight: float,
+    reasoning_weight_end: float | None,
+    action_weight_end: float | None,
+    progress: float,
+) -> tuple[torch.Tensor, Metrics]:
+    """Returns the span-weighted loss and its metrics from the per-position terms."""
+    is_reasoning, is_action = spans.is_reasoning, spans.is_action
     weighted = confidence * per_token
     reasoning_tokens = is_reasoning.sum()
     action_tokens = is_action.sum()
@@ -246,7 +356,7 @@ def sad_loss(
 
     if weighting == "uniform":
         # Sum over an empty selection is 0 with a graph, so an all-observation batch still backprops.
-        loss = per_token.sum() / loss_positions.sum().clamp(min=1)
+        loss = per_token.sum() / spans.positions.sum().clamp(min=1)
     else:
         lambda_r, lambda_a = reasoning_weight, action_weight
         if weighting == "scheduled":
@@ -263,7 +373,7 @@ def sad_loss(
             "tokens/reasoning": reasoning_tokens,
             "tokens/action": action_tokens,
         }
-        if kl_per_token is not None:
+        if has_teacher:
             metrics["kl/reasoning"] = kl_per_token[is_reasoning].sum() / reasoning_tokens.clamp(min=1)
             metrics["kl/action"] = kl_per_token[is_action].sum() / action_tokens.clamp(min=1)
     return loss, metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer_core.losses.chunked import Project, chunked_token_ce, fused_linear_ce_sum
 from trainer_core.losses.common import IGNORE_INDEX, Metrics, Reduction, check_reduction
 
 
@@ -64,25 +65,45 @@ def sft_loss(
 
 def sft_loss_from_hidden(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    head: Project,
     labels: torch.Tensor,
+    *,
+    vocab: int,
     ignore_index: int = IGNORE_INDEX,
-    lm_head_bias: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     num_tokens_in_batch: int | torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Return ``(loss, metrics)`` as ``sft_loss`` would, projecting only the loss-mask positions.
+    """Return ``(loss, metrics)`` as ``sft_loss`` would, never holding more than a chunk of logits.
 
-    ``hidden``: [N, H] (or [B, T, H]) final hidden states, aligned to ``labels`` [N] (or [B, T]);
-    ``lm_head_weight``: [V, H]. Only rows whose label is not ``ignore_index`` are multiplied by the
-    LM head, so prompt/padding tokens never get full-vocabulary logits: activation memory and FLOPs
-    scale with the number of trained tokens, not the sequence length.
-    Valid only for a plain linear LM head (no logit soft-capping or scaling after it).
+    ``hidden``: [N, H] (or [B, T, H]) final hidden states aligned to ``labels`` [N] (or [B, T]);
+    ``head`` maps hidden rows to ``vocab`` logits (the LM head, maybe LoRA-wrapped). Only rows whose
+    label is not ``ignore_index`` are projected, a chunk at a time (``trainer_core.losses.chunked``).
+    ``head_weight``: the head's weight when it is a plain bias-free linear layer; on CUDA with
+    liger-kernel installed the cross-entropy then runs in its fused linear kernel.
+    Valid only for a head with no logit soft-capping or scaling after it.
     """
     check_reduction(reduction)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     keep = flat_labels != ignore_index
-    selected = flat_hidden[keep]
-    logits = F.linear(selected, lm_head_weight, lm_head_bias)
-    return _token_ce(logits, flat_labels[keep], ignore_index, reduction, num_tokens_in_batch)
+    selected = hidden.reshape(-1, hidden.shape[-1])[keep]
+    targets = flat_labels[keep]
+    ce_sum = fused_linear_ce_sum(selected, head_weight, targets) if head_weight is not None else None
+    if ce_sum is None:
+        ce, correct = chunked_token_ce(selected, head, targets, vocab, rows)
+        ce_sum = ce.sum()
+    else:
+        with torch.no_grad():
+            _, correct = chunked_token_ce(selected, head, targets, vocab, rows)
+    num_tokens = keep.sum()
+    if num_tokens_in_batch is not None:
+        loss = ce_sum / num_tokens_in_batch
+    else:
+        loss = ce_sum / num_tokens.clamp(min=1) if reduction == "mean" else ce_sum
+    metrics: Metrics = {
+        "loss": ce_sum.detach() / num_tokens.clamp(min=1),
+        "mean_token_accuracy": correct.sum().float() / num_tokens.clamp(min=1),
+        "num_tokens": num_tokens,
+    }
+    return loss, metrics

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer_core.config import GRPOStage
 from trainer_core.generation import Completions, completion_forward, seeded_generator
+from trainer_core.losses.common import truncated_importance_weights
 from trainer_core.losses.grpo import grpo_advantages, grpo_loss
 from trainer_core.methods.base import LossOutput, MethodDefaults, StageContext, stage_steps
 from trainer_core.rollouts import PromptRollouts
@@ -28,11 +29,13 @@ from trainer_core.rollouts import PromptRollouts
 
 @dataclass
 class GRPOBatch:
-    """One micro-batch: whole groups of completions, their advantages and reference log-probs."""
+    """One micro-batch: whole groups of completions, their rewards, advantages and reference log-probs."""
 
     completions: Completions
     advantages: torch.Tensor
     ref_logps: torch.Tensor | None
+    rewards: torch.Tensor
+    engine_logps: torch.Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,22 +50,35 @@ class GRPOMethod(MethodDefaults):
         self._groups_per_batch = stage.batch_size // stage.num_generations
         self.rollouts = PromptRollouts(ctx, stage, self._groups_per_batch * stage.gradient_accumulation)
         self.total_steps = stage_steps(stage, self.rollouts.schedule.steps_per_epoch())
+        self._last_step = 0  # evaluation follows this step's update: the weights' version
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         self.rollouts.setup(model, tokenizer)
 
     def micro_batches(self, model: nn.Module, step: int) -> Sequence[GRPOBatch]:
-        """Returns the step's micro-batches, sampled and scored with the current policy."""
+        """Returns the step's micro-batches, sampled and scored with the current policy.
+
+        Advantages are computed once over the whole step: "batch" scaling divides by the std of
+        every reward of the step, whatever the accumulation (groups never straddle micro-batches,
+        so "group" and "none" are the same either way).
+        """
         stage, ctx = self._stage, self._ctx
         group = stage.num_generations
+        self._last_step = step
         indices = self.rollouts.schedule.indices(step)
         generator = seeded_generator(ctx.seed, ctx.stage_index, step, device=ctx.device)
+        per_batch = self._groups_per_batch
+        rollouts = [
+            self.rollouts.sample_step(model, indices[start : start + per_batch], group, generator, step - 1)
+            for start in range(0, len(indices), per_batch)
+        ]
+        rewards = torch.cat([rollout.rewards for rollout in rollouts])
+        advantages, adv_metrics = grpo_advantages(rewards, group, stage.advantage_scaling)
+        step_metrics = {k: float(v) for k, v in adv_metrics.items()} | self.rollouts.observe(rewards, group)
         batches: list[GRPOBatch] = []
-        all_rewards: list[torch.Tensor] = []
-        for start in range(0, len(indices), self._groups_per_batch):
-            chunk = indices[start : start + self._groups_per_batch]
-            rollout = self.rollouts.sample_step(model, chunk, group, generator)
-            advantages, adv_metrics = grpo_advantages(rollout.rewards, group, stage.advantage_scaling)
+        for rollout, batch_advantages in zip(
+            rollouts, advantages.split([len(r.rewards) for r in rollouts]), strict=True
+        ):
             completions = rollout.completions
             ref_logps = None
             if stage.beta > 0:
@@ -71,12 +87,10 @@ class GRPOMethod(MethodDefaults):
                         reference, completions.prompt_ids, completions.prompt_mask,
                         completions.completion_ids, completions.completion_mask, stage.temperature,
                     ).logps
-            all_rewards.append(rollout.rewards)
-            metrics = {**rollout.metrics, **{k: float(v) for k, v in adv_metrics.items()}}
-            batches.append(GRPOBatch(completions, advantages.to(ctx.device), ref_logps, metrics))
-        curriculum_metrics = self.rollouts.observe(torch.cat(all_rewards), group)
-        for batch in batches:
-            batch.metrics.update(curriculum_metrics)
+            batches.append(GRPOBatch(
+                completions, batch_advantages.to(ctx.device), ref_logps, rollout.rewards,
+                self.rollouts.mismatch_logps(rollout), {**rollout.metrics, **step_metrics},
+            ))
         return batches
 
     def loss(self, model: nn.Module, batch: GRPOBatch, step: int) -> LossOutput:
@@ -87,6 +101,11 @@ class GRPOMethod(MethodDefaults):
             model, c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask, stage.temperature
         )
         dapo = stage.loss_aggregation == "dapo"
+        is_weights, is_metrics = None, {}
+        if batch.engine_logps is not None:
+            is_weights, is_metrics = truncated_importance_weights(
+                forward.logps.detach(), batch.engine_logps, c.completion_mask, stage.rollout.tis_cap
+            )
         loss, metrics = grpo_loss(
             forward.logps,
             forward.logps.detach(),
@@ -100,16 +119,17 @@ class GRPOMethod(MethodDefaults):
             # A token count of 1 turns "dapo" into a plain token sum; the loop divides by the
             # step's total completion tokens (the units reported below).
             num_tokens_in_batch=1 if dapo else None,
+            is_weights=is_weights,
         )
         sequences = c.completion_ids.shape[0]
         units = int(c.completion_mask.sum()) if dapo else sequences
         if not dapo:
             loss = loss * sequences  # per-sequence mean -> sum over sequences
         num_tokens = int(c.prompt_mask.sum() + c.completion_mask.sum())
-        return LossOutput(loss, units, num_tokens, {**batch.metrics, **metrics})
+        return LossOutput(loss, units, num_tokens, {**batch.metrics, **metrics, **is_metrics})
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
-        return self.rollouts.evaluate(model, self._stage.batch_size)
+        return self.rollouts.evaluate(model, self._stage.batch_size, self._last_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.rollouts.schedule.state_dict()}

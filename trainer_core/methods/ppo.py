@@ -33,7 +33,7 @@ from trainer_core.generation import (
     eval_mode,
     seeded_generator,
 )
-from trainer_core.losses.common import policy_entropy
+from trainer_core.losses.common import masked_mean, truncated_importance_weights
 from trainer_core.losses.ppo import gae, ppo_loss, ppo_per_token_rewards, whiten
 from trainer_core.methods.base import LossOutput, MethodDefaults, StageContext, stage_steps, weighted_mean
 from trainer_core.rollouts import PromptRollouts
@@ -57,6 +57,7 @@ class PPOMethod(MethodDefaults):
             stage, self.rollouts.schedule.steps_per_epoch(), repeats=stage.ppo_epochs
         )
         self.value_head: nn.Linear | None = None
+        self._last_step = 0  # evaluation follows this step's update: the weights' version
         self._buffer: dict[str, Any] = {}
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -87,7 +88,8 @@ class PPOMethod(MethodDefaults):
         sampled_metrics: list[tuple[dict[str, float], float]] = []
         for start in range(0, len(indices), stage.batch_size):
             chunk = indices[start : start + stage.batch_size]
-            sampled = self.rollouts.sample_step(model, chunk, 1, generator)
+            # The rollout's first step is rollout * ppo_epochs + 1: its weights have that many updates.
+            sampled = self.rollouts.sample_step(model, chunk, 1, generator, rollout * stage.ppo_epochs)
             parts.append(sampled.completions)
             scores.append(sampled.rewards)
             sampled_metrics.append((sampled.metrics, len(sampled.rewards)))
@@ -103,7 +105,9 @@ class PPOMethod(MethodDefaults):
         mask = batch.completion_mask
         rewards, reward_metrics = ppo_per_token_rewards(policy.logps, ref_logps, score, mask, stage.kl_coef)
         advantages, returns = gae(rewards, values, mask, stage.gamma, stage.lam)
-        if stage.whiten_advantages:
+        # A rollout of a single completion token has no variance to whiten by (batch_size 1,
+        # max_new_tokens 1, or one completion that stopped at once): its advantage stays as GAE gave it.
+        if stage.whiten_advantages and int(mask.sum()) >= 2:
             advantages = whiten(advantages, mask)
         metrics = weighted_mean(sampled_metrics)
         metrics |= {name: float(value) for name, value in reward_metrics.items()}
@@ -112,6 +116,8 @@ class PPOMethod(MethodDefaults):
             "rollout": rollout,
             **{name: tensor for name, tensor in zip(_COMPLETION_FIELDS, tensors, strict=True)},
             "old_logps": policy.logps,
+            # The engine's own log-probs when they may differ from the policy's (truncated IS).
+            "engine_logps": batch.logps if self.rollouts.engine.corrects_mismatch else None,
             "old_values": values,
             "advantages": advantages,
             "returns": returns,
@@ -122,6 +128,7 @@ class PPOMethod(MethodDefaults):
         """Returns the step's micro-batches as row indices into the rollout buffer (sampled if new)."""
         stage, ctx = self._stage, self._ctx
         rollout = (step - 1) // stage.ppo_epochs
+        self._last_step = step
         if self._buffer.get("rollout") != rollout:
             self._collect(model, rollout)
         rows = self._buffer["old_logps"].shape[0]
@@ -135,15 +142,24 @@ class PPOMethod(MethodDefaults):
         rows = batch.to(self._ctx.device)
         prompt_ids, prompt_mask, completion_ids, mask = (buf[name][rows] for name in _COMPLETION_FIELDS)
         forward = completion_forward(
-            model, prompt_ids, prompt_mask, completion_ids, mask, stage.temperature, with_hidden=True
+            model, prompt_ids, prompt_mask, completion_ids, mask, stage.temperature, with_hidden=True,
+            with_entropy=True,
         )
         assert forward.hidden is not None
+        is_weights, is_metrics = None, {}
+        if buf.get("engine_logps") is not None:
+            is_weights, is_metrics = truncated_importance_weights(
+                buf["old_logps"][rows], buf["engine_logps"][rows], mask, stage.rollout.tis_cap
+            )
         loss, metrics = ppo_loss(
             forward.logps, buf["old_logps"][rows], self._values(forward.hidden), buf["old_values"][rows],
             buf["advantages"][rows], buf["returns"][rows], mask,
             cliprange=stage.cliprange, cliprange_value=stage.cliprange_value, vf_coef=stage.vf_coef,
+            is_weights=is_weights,
         )
-        metrics["policy/entropy"] = policy_entropy(forward.logits, mask)
+        metrics |= is_metrics
+        assert forward.entropy is not None
+        metrics["policy/entropy"] = masked_mean(forward.entropy, mask)
         tokens = int(mask.sum())
         num_tokens = int(prompt_mask.sum()) + tokens
         # One step is one epoch over the whole buffer, so the loop's divisor (the step's units) is
@@ -151,7 +167,7 @@ class PPOMethod(MethodDefaults):
         return LossOutput(loss * tokens, tokens, num_tokens, {**buf["metrics"], **metrics})
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
-        return self.rollouts.evaluate(model, self._stage.batch_size)
+        return self.rollouts.evaluate(model, self._stage.batch_size, self._last_step)
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the curriculum and the current rollout buffer (the loop stores the value head)."""

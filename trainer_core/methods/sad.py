@@ -27,7 +27,7 @@ from trainer_core.config import SADStage
 from trainer_core.curriculum import complexity_order
 from trainer_core.data import IGNORE_INDEX
 from trainer_core.errors import TrainingDataError
-from trainer_core.losses.sad import sad_loss
+from trainer_core.losses.sad import sad_loss_from_hidden
 from trainer_core.methods.base import (
     LossOutput,
     MethodDefaults,
@@ -36,6 +36,7 @@ from trainer_core.methods.base import (
     shuffled_chunks,
     weighted_mean,
 )
+from trainer_core.modeling import HeadInputs, head_inputs
 from trainer_core.spans import ACTION, REASONING, TokenizedTrajectory, trajectory_token_spans
 from trainer_core.teachers import LocalTeacher, SGLangTeacher, TeacherBatch, stored_teacher
 
@@ -147,7 +148,7 @@ class SADMethod(MethodDefaults):
         return [self._batch([self._train[i] for i in indices]) for indices in chunks]
 
     def _loss(
-        self, logits: torch.Tensor, batch: SADBatch, progress: float
+        self, student: HeadInputs, batch: SADBatch, progress: float
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Returns the batch-mean SAD loss: divergence where a teacher exists, cross-entropy elsewhere."""
         stage = self._stage
@@ -162,8 +163,9 @@ class SADMethod(MethodDefaults):
         metrics: dict[str, Any] = {}
         distilled = (batch.reasoning_mask | batch.action_mask) & available
         if batch.teacher is not None and distilled.any():
-            loss, metrics = sad_loss(
-                logits, batch.reasoning_mask & available, batch.action_mask & available,
+            loss, metrics = sad_loss_from_hidden(
+                student.hidden, student.head, student.vocab,
+                batch.reasoning_mask & available, batch.action_mask & available,
                 teacher=batch.teacher.teacher, divergence=stage.divergence, temperature=stage.temperature,
                 jsd_beta=stage.jsd_beta, alpha=stage.alpha, tail_bucket=stage.tail_bucket,
                 weighting=stage.weighting, **weights,
@@ -173,8 +175,9 @@ class SADMethod(MethodDefaults):
         if plain.any() or not parts:
             # Confidence weighting needs a teacher; its tokens fall back to plain span-type weights.
             weighting = "span_type" if stage.weighting == "confidence" else stage.weighting
-            loss, ce_metrics = sad_loss(
-                logits, batch.reasoning_mask & ~available, batch.action_mask & ~available,
+            loss, ce_metrics = sad_loss_from_hidden(
+                student.hidden, student.head, student.vocab,
+                batch.reasoning_mask & ~available, batch.action_mask & ~available,
                 labels=batch.labels, divergence="ce", weighting=weighting, **weights,
             )
             parts.append((int(plain.sum()), loss))
@@ -182,10 +185,13 @@ class SADMethod(MethodDefaults):
         total = sum(count for count, _ in parts)
         return sum(count * loss for count, loss in parts) / max(total, 1), metrics
 
+    @staticmethod
+    def _student(model: nn.Module, batch: SADBatch) -> HeadInputs:
+        return head_inputs(model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+
     def loss(self, model: nn.Module, batch: SADBatch, step: int) -> LossOutput:
         """Returns the micro-batch's SAD loss summed over its trajectories (unit: one trajectory)."""
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss, metrics = self._loss(logits, batch, step / self.total_steps)
+        loss, metrics = self._loss(self._student(model, batch), batch, step / self.total_steps)
         rows = batch.input_ids.shape[0]
         return LossOutput(loss * rows, rows, int(batch.attention_mask.sum()), metrics)
 
@@ -197,8 +203,7 @@ class SADMethod(MethodDefaults):
         size = self._stage.batch_size
         for start in range(0, len(self._eval), size):
             batch = self._batch(self._eval[start : start + size])
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, metrics = self._loss(logits, batch, 1.0)
+            loss, metrics = self._loss(self._student(model, batch), batch, 1.0)
             parts.append(({"eval_loss": loss, **metrics}, batch.input_ids.shape[0]))
         return weighted_mean(parts)
 

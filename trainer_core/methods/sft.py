@@ -8,7 +8,8 @@ longest example (best-fit decreasing) with a block-diagonal causal mask, so no c
 padding while the attention span stays that of one example (the dense L×L mask costs O(L²) per
 row on sdpa, so packing short examples into one max_seq_len row would make attention the
 bottleneck of a small model). Without packing, micro-batches are length-grouped and padded.
-Either way the LM head runs only at trained positions.
+Either way the LM head runs only at trained positions, a chunk of positions at a time
+(``trainer_core.losses.chunked``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from trainer_core.config import SFTStage, SpanMarkers
 from trainer_core.data import IGNORE_INDEX
-from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
+from trainer_core.data.packing import (
+    collate_flat,
+    collate_packed,
+    collate_padded,
+    length_grouped_batches,
+    plan_packs,
+)
 from trainer_core.data.render import RenderedExample, render_sft
-from trainer_core.losses.sft import sft_loss
+from trainer_core.losses.sft import sft_loss_from_hidden
 from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
+    Filler,
     LossOutput,
     MethodDefaults,
     StageContext,
@@ -37,7 +46,14 @@ from trainer_core.methods.base import (
     shuffled_chunks,
     weighted_mean,
 )
-from trainer_core.modeling import label_logits
+from trainer_core.modeling import (
+    ATTENTION_IMPLEMENTATION,
+    PackedAttention,
+    document_mask,
+    head_inputs,
+    packed_attention,
+    use_attention,
+)
 from trainer_core.spans import trajectory_token_spans
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -87,6 +103,7 @@ class SFTMethod(MethodDefaults):
         # The 4D mask is added to the attention scores, so it must match their dtype (bf16 under
         # CUDA autocast).
         self.mask_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+        self.attention: PackedAttention = packed_attention(ctx.device)
         self.stream, self.total_steps = epoch_stream(ctx, self._planner())
 
     def _planner(self) -> Callable[[np.random.Generator], list[list[int]]]:
@@ -95,27 +112,37 @@ class SFTMethod(MethodDefaults):
         lengths = [len(e) for e in self.train]
         return lambda rng: length_grouped_batches(lengths, self.stage.batch_size, int(rng.integers(2**62)))
 
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Picks the attention that separates packed sequences (a varlen kernel where there is one)."""
+        if self.stage.packing and self.attention != "dense_mask":
+            use_attention(model, ATTENTION_IMPLEMENTATION[self.attention])
+
     def _collate(self, examples: list[RenderedExample]) -> TokenBatch:
         pad_id = self.ctx.tokenizer.pad_token_id
-        if self.stage.packing:
+        device = self.ctx.device
+        if not self.stage.packing:
+            batch = collate_padded(examples, pad_id)
+        elif self.attention == "dense_mask":
             rows = plan_packs([len(e) for e in examples], max(len(e) for e in examples))
             packed = [[examples[i] for i in row] for row in rows]
             batch = collate_packed(packed, pad_id, dtype=self.mask_dtype)
         else:
-            batch = collate_padded(examples, pad_id)
-        device = self.ctx.device
-        inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS}
+            # Padding-free: the whole micro-batch in one row, O(T) attention memory.
+            batch = collate_flat(examples, pad_id)
+        inputs = {key: batch[key].to(device) for key in _MODEL_INPUTS if key in batch}
+        if self.stage.packing and self.attention == "flex":
+            inputs["attention_mask"] = document_mask(batch["seq_lengths"], device)
         return TokenBatch(inputs, batch["labels"].to(device), int(batch["num_tokens"]))
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._collate([self.train[i] for i in indices]) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._collate([self.train[i] for i in indices]))
 
     def _summed_loss(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, Any], int]:
-        keep = batch.labels != IGNORE_INDEX
-        loss, metrics = sft_loss(label_logits(model, batch.inputs, batch.labels), batch.labels[keep],
-                                 reduction="sum")
-        return loss, metrics, int(keep.sum())
+        out = head_inputs(model, batch.inputs)
+        loss, metrics = sft_loss_from_hidden(out.hidden, out.head, batch.labels, vocab=out.vocab,
+                                             reduction="sum", head_weight=out.head_weight)
+        return loss, metrics, int((batch.labels != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: TokenBatch, step: int) -> LossOutput:
         loss, metrics, units = self._summed_loss(model, batch)

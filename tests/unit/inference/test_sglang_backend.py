@@ -35,8 +35,9 @@ def adapter(name: str) -> ResolvedModel:
 class FakeSGLang:
     """Answers like an SGLang server and records every request it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "0.5.4") -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.version = version
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -44,14 +45,27 @@ class FakeSGLang:
         self.requests.append((path, body))
         if path == "/get_model_info":
             return httpx.Response(200, json={"model_path": SERVED, "is_generation": True})
+        if path == "/get_server_info":
+            return httpx.Response(200, json={"model_path": SERVED, "version": self.version})
         if path == "/load_lora_adapter":
+            # SGLang's LoRAUpdateOutput on failure: success false, error_message, loaded_adapters.
             if "bad" in body["lora_path"]:
-                return httpx.Response(
-                    400, json={"object": "error", "message": "adapter_config.json not found"}
-                )
+                return httpx.Response(400, json={"success": False, "error_message": "adapter_config.json "
+                                                 "not found", "loaded_adapters": {}})
+            if "held" in body["lora_path"]:
+                return httpx.Response(400, json={
+                    "success": False, "loaded_adapters": {body["lora_name"]: body["lora_path"]},
+                    "error_message": f"Failed to load LoRA adapter {body['lora_name']} because it is "
+                                     "already loaded"})
             return httpx.Response(200, json={"success": True, "loaded_adapters": {}})
         if path == "/unload_lora_adapter":
             return httpx.Response(200, json={"success": True})
+        if path == "/v1/chat/completions" and body.get("stream") and "fail" in body["messages"][0]["content"]:
+            error = {"error": {"object": "error", "message": "prompt is too long", "type": "BadRequestError",
+                               "code": 400}}
+            first = {"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": None}]}
+            text = f"data: {json.dumps(first)}\n\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
         if path == "/v1/chat/completions" and body.get("stream"):
             events = [
                 {
@@ -132,7 +146,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 def test_base_model_requests_name_the_served_model_and_map_the_response() -> None:
     fake = FakeSGLang()
-    params = SamplingParams(max_tokens=5, temperature=0, stop=("\n",), seed=1, logprobs=True, top_logprobs=1)
+    params = SamplingParams(max_tokens=5, temperature=0, stop=("\n",), logprobs=True, top_logprobs=1)
     gen = asyncio.run(backend(fake).generate(BASE, CHAT, params))
     path, body = fake.requests[-1]
     assert path == "/v1/chat/completions"
@@ -144,7 +158,6 @@ def test_base_model_requests_name_the_served_model_and_map_the_response() -> Non
         "top_p": 1.0,
         "n": 1,
         "stop": ["\n"],
-        "seed": 1,
         "logprobs": True,
         "top_logprobs": 1,
     }
@@ -168,8 +181,10 @@ def test_adapters_load_on_first_use_and_are_picked_with_base_colon_name() -> Non
     loads = [b for p, b in fake.requests if p == "/load_lora_adapter"]
     assert loads == [{"lora_name": "ckpt_a", "lora_path": "/data/storage/checkpoints/ckpt_a"}]
     chats = [b for p, b in fake.requests if p == "/v1/chat/completions"]
-    assert [c["model"] for c in chats] == [f"{SERVED}:ckpt_a"] * 2
+    # Both ways of naming the adapter: `model` (v0.5.4+) and `lora_path`.
+    assert [(c["model"], c["lora_path"]) for c in chats] == [(f"{SERVED}:ckpt_a", "ckpt_a")] * 2
     assert [m.id for m in sglang.loaded_models()] == ["ckpt_a"]
+    assert fake.paths().count("/get_server_info") == 1
 
 
 def test_least_recently_used_adapter_is_unloaded_past_the_limit() -> None:
@@ -214,6 +229,46 @@ def test_an_adapter_sglang_cannot_load_is_a_client_error_with_its_message() -> N
         asyncio.run(sglang.generate(adapter("ckpt_bad"), CHAT, SamplingParams()))
     assert info.value.status_code == 400 and "adapter_config.json not found" in info.value.message
     assert sglang.loaded_models() == []
+
+
+def test_an_adapter_the_server_already_holds_counts_as_loaded() -> None:
+    # After an API restart, or from a second API process, SGLang answers 400 "already loaded".
+    fake = FakeSGLang()
+    sglang = backend(fake)
+    gen = asyncio.run(sglang.generate(adapter("ckpt_held"), CHAT, SamplingParams()))
+    assert gen.choices[0].text == "hello there"
+    assert [m.id for m in sglang.loaded_models()] == ["ckpt_held"]
+    assert fake.requests[-1][1]["model"] == f"{SERVED}:ckpt_held"
+
+
+def test_an_error_event_inside_a_200_stream_is_raised_not_swallowed() -> None:
+    fake = FakeSGLang()
+
+    async def collect() -> list:
+        chat = [{"role": "user", "content": "fail please"}]
+        return [d async for d in backend(fake).stream(BASE, chat, SamplingParams())]
+
+    with pytest.raises(ApiError) as info:
+        asyncio.run(collect())
+    assert "prompt is too long" in info.value.message
+
+
+def test_seed_is_refused_because_sglang_ignores_it() -> None:
+    fake = FakeSGLang()
+    with pytest.raises(ApiError) as info:
+        asyncio.run(backend(fake).generate(adapter("ckpt_a"), CHAT, SamplingParams(seed=3)))
+    assert info.value.status_code == 400 and info.value.param == "seed"
+    assert fake.requests == []
+
+
+def test_adapters_need_sglang_0_5_4_which_honours_base_colon_adapter() -> None:
+    old = FakeSGLang(version="0.5.3.post1")
+    with pytest.raises(ServiceUnavailable) as info:
+        asyncio.run(backend(old).generate(adapter("ckpt_a"), CHAT, SamplingParams()))
+    assert "0.5.3.post1" in info.value.message and ">= 0.5.4" in info.value.message
+    assert "/load_lora_adapter" not in old.paths()
+    # Base-model requests do not depend on adapter selection and still work on it.
+    assert asyncio.run(backend(old).generate(BASE, CHAT, SamplingParams())).choices[0].text == "hello there"
 
 
 def test_models_this_server_does_not_serve_are_refused() -> None:

@@ -78,11 +78,13 @@ def test_tiny_top_p_is_greedy_and_eval_mode_is_restored(model: PreTrainedModel) 
     model.train()
     out = _sample(model, 0, top_p=1e-6, max_new_tokens=5)
     assert model.training
+    ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1)
+    attention = torch.cat([out.prompt_mask, out.completion_mask], dim=1)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        full = completion_forward(
-            model.eval(), out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask
-        )
-    greedy = full.logits.argmax(dim=-1)
+        logits = model.eval()(input_ids=ids, attention_mask=attention.long(), position_ids=positions).logits
+    prompt_len = out.prompt_ids.shape[1]
+    greedy = logits[:, prompt_len - 1 : prompt_len - 1 + out.completion_ids.shape[1]].argmax(dim=-1)
     assert torch.equal(greedy[out.completion_mask], out.completion_ids[out.completion_mask])
 
 
@@ -94,4 +96,4 @@ def test_completion_forward_returns_hidden_states_for_completion_positions(model
         )
     assert full.hidden is not None
     assert full.hidden.shape == (*out.completion_ids.shape, model.config.hidden_size)
-    assert full.logits.shape == (*out.completion_ids.shape, model.config.vocab_size)
+    assert full.logps.shape == out.completion_ids.shape and full.entropy is None

@@ -60,7 +60,8 @@ def test_sft_loss_from_hidden_matches_and_never_projects_ignored_positions() -> 
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     # The ignored row holds NaN: if it were projected the loss would be NaN.
     hidden = torch.tensor([[[0.0, LN2], [LN3, 0.0], [float("nan"), float("nan")]]], requires_grad=True)
-    loss, metrics = sft_loss_from_hidden(hidden, weight, torch.tensor([[1, 2, -100]]))
+    labels = torch.tensor([[1, 2, -100]])
+    loss, metrics = sft_loss_from_hidden(hidden, lambda h: h @ weight.T, labels, vocab=3)
     assert math.isclose(loss.item(), math.log(10) / 2, rel_tol=1e-6)
     assert float(metrics["mean_token_accuracy"]) == 0.5 and int(metrics["num_tokens"]) == 2
     loss.backward()
@@ -75,7 +76,7 @@ def test_sft_loss_from_hidden_equals_full_logits_loss_on_random_inputs() -> None
     weight = torch.randn(7, 4, generator=generator)
     labels = torch.tensor([[-100, -100, 3, 1, 6], [-100, 0, 2, -100, -100]])
     full, _ = sft_loss(hidden @ weight.T, labels)
-    lean, _ = sft_loss_from_hidden(hidden, weight, labels)
+    lean, _ = sft_loss_from_hidden(hidden, lambda h: h @ weight.T, labels, vocab=7)
     torch.testing.assert_close(lean, full)
 
 

@@ -7,8 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer_core.data import IGNORE_INDEX
-from trainer_core.data.packing import collate_packed, collate_padded, length_grouped_batches, plan_packs
+from trainer_core.data.packing import (
+    collate_flat,
+    collate_packed,
+    collate_padded,
+    length_grouped_batches,
+    plan_packs,
+)
 from trainer_core.data.render import RenderedExample
+from trainer_core.modeling import document_mask, use_attention
 
 
 def _example(ids: list[int], trained_from: int = 1) -> RenderedExample:
@@ -76,3 +83,27 @@ def test_packed_logits_equal_unpacked_logits(tiny_model_dir: Path) -> None:
                 end = start + len(example)
                 torch.testing.assert_close(packed[b, start:end], alone, atol=1e-5, rtol=0)
                 start = end
+
+
+def test_padding_free_row_under_flex_attention_equals_unpacked(tiny_model_dir: Path) -> None:
+    # The CUDA path without flash-attn: one row, no dense mask, flex attention with a document mask.
+    # Forward only: flex attention has no backward pass on CPU, and its CUDA training was never run.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = [_example(torch.randint(5, 500, (n,), generator=gen).tolist()) for n in (9, 5, 12, 3)]
+    batch = collate_flat(examples, pad_token_id=2)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 29)
+    assert batch["seq_lengths"].tolist() == [9, 5, 12, 3]
+    use_attention(model, "flex_attention")
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     attention_mask=document_mask(batch["seq_lengths"], torch.device("cpu"))).logits[0]
+        use_attention(model, "sdpa")
+        start = 0
+        for example in examples:
+            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            torch.testing.assert_close(flat[start:start + len(example)], alone, atol=1e-5, rtol=0)
+            start += len(example)
+    # Labels never cross from one example into the next.
+    ends = torch.cumsum(batch["seq_lengths"], 0) - 1
+    assert (batch["labels"][0, ends] == IGNORE_INDEX).all()
