@@ -32,7 +32,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.broker import TASK_ROUTES, create_celery, queue_depth, send_task
 from app.db.models import Dataset, Event, utcnow
 from app.db.session import make_session_factory
-from app.jobs.states import EVAL, RUN, JobKind, move_stages
+from app.jobs.states import EVAL, RUN, JobKind, after_move
+from app.services.fine_tuning import start_waiting_jobs
 from app.settings import Settings
 
 log = logging.getLogger("tuneyard.reaper")
@@ -123,8 +124,8 @@ def _reap_stale(session: Session, kind: JobKind, now: datetime, cutoff: datetime
         if moved != 1:
             session.rollback()
             continue
+        after_move(session, kind, job_id, target, now)
         if kind.has_stages:
-            move_stages(session, job_id, target, now)
             session.add(Event(run_id=job_id, attempt=attempt, kind=event, message=message,
                               level="error" if target == "failed" else "warning",
                               data={"lost_owner": owner, "reason": "lease_expired"}))
@@ -217,6 +218,9 @@ def run_reaper_forever(settings: Settings) -> None:
                                    queued_grace_seconds=settings.queued_grace_seconds,
                                    max_attempts=settings.max_attempts)
                 resend(session, celery, result, now, settings.queued_grace_seconds)
+                # Fine-tuning jobs whose files finished validating while no validation task could
+                # start them (a worker lost between its commit and that call).
+                start_waiting_jobs(session, settings, celery)
         except Exception:  # the database or broker is away: the next pass tries again
             log.exception("reaper pass failed")
         time.sleep(max(0.0, settings.reaper_interval_seconds - (time.monotonic() - started)))

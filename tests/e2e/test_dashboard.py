@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e import seed
@@ -302,4 +303,25 @@ def test_a_dataset_is_uploaded_and_an_eval_started_from_the_pages(
     page.wait_for_url("**/#/evals/eval_*")
     page.locator("h1 .badge", has_text="queued").wait_for()
     save_screenshot(page, tmp_path, "dashboard-eval-started.png")
+    assert console_errors == []
+
+
+def test_a_fine_tuning_job_is_listed_as_its_run(
+    live_service: LiveService, browser: Any, console_errors: list[str]
+) -> None:
+    (live_service.data_dir / "models" / "tiny-llama").mkdir(parents=True, exist_ok=True)
+    (live_service.data_dir / "models" / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    file_id = seed.seed_ready_dataset(live_service.sessions, live_service.team_id)
+    response = httpx.post(f"{live_service.base_url}/v1/fine_tuning/jobs",
+                          headers={"Authorization": f"Bearer {live_service.key}"},
+                          json={"model": "tiny-llama", "training_file": file_id, "suffix": "faq"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["run_id"]
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+    row = page.locator(f"#runs-table tr[data-run-id='{job['run_id']}']")
+    assert row.locator(".badge").inner_text() == "queued"
+    row.get_by_role("link", name=job["id"]).click()
+    page.locator("h1", has_text=job["id"]).wait_for()
     assert console_errors == []
