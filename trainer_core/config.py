@@ -545,6 +545,17 @@ class Integrations(SpecModel):
     mlflow: MlflowIntegration | None = Field(None, description="log metrics to MLflow")
 
 
+# Stage methods that train on several devices (FSDP2 over torchrun); the rollout methods and SAD's
+# teachers run on one device for now.
+DISTRIBUTED_METHODS = ("sft", "dpo")
+
+
+class Resources(SpecModel):
+    """What one run needs from a worker."""
+
+    gpus: int = Field(1, ge=1, le=64, description="devices the run trains on; > 1 shards it with FSDP2")
+
+
 class RunSpec(SpecModel):
     name: str | None = Field(None, max_length=200, description="a name for the run")
     base_model: str = Field(
@@ -581,6 +592,25 @@ class RunSpec(SpecModel):
         "(a reward_model run: its reward_model checkpoint)",
     )
     integrations: Integrations = Field(Integrations(), description="experiment trackers to log metrics to")
+    resources: Resources = Field(Resources(), description="devices the run needs from one worker")
+
+    @model_validator(mode="after")
+    def _stages_fit_devices(self) -> RunSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if isinstance(self.adapter, QLoraAdapter):
+            raise ValueError("adapter.type 'qlora' trains on one device: FSDP2 over 4-bit bitsandbytes "
+                             "weights is not verified with the installed peft and bitsandbytes; use "
+                             "resources.gpus 1, or adapter.type 'lora' on several devices")
+        for i, stage in enumerate(self.stages):
+            if stage.method not in DISTRIBUTED_METHODS:
+                raise ValueError(f"stages[{i}]: method {stage.method!r} trains on one device; "
+                                 f"resources.gpus > 1 supports {' and '.join(DISTRIBUTED_METHODS)} stages")
+            if stage.batch_size < gpus:
+                raise ValueError(f"stages[{i}].batch_size ({stage.batch_size}) must be at least "
+                                 f"resources.gpus ({gpus}): each device trains on a share of it")
+        return self
 
     @model_validator(mode="after")
     def _full_finetune_rates(self) -> RunSpec:

@@ -125,6 +125,9 @@ class Run(Base):
     # When the reaper last re-sent the message of this queued period (None: not yet).
     resent_at: Mapped[datetime | None]
     error: Mapped[dict[str, Any] | None]
+    # The fit estimate at submit (trainer_core.estimate.FitEstimate.as_dict); None when the base
+    # model's config could not be read.
+    estimate: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -325,3 +328,16 @@ class WebhookDeliveryAttempt(Base):
     duration_ms: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerHost(Base):
+    """A training worker and the devices it offers, kept fresh by its heartbeat."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name
+    device_kind: Mapped[str] = mapped_column(String(10))  # cuda|cpu
+    device_count: Mapped[int] = mapped_column(Integer)
+    memory_per_device_bytes: Mapped[int] = mapped_column(BigInteger)
+    device_name: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -17,6 +17,7 @@ from trainer_core.data.render import RenderedExample, render_preference
 from trainer_core.losses.chunked import chunked_token_logps
 from trainer_core.losses.dpo import dpo_loss
 from trainer_core.methods.base import (
+    Filler,
     LossOutput,
     MethodDefaults,
     StageContext,
@@ -125,9 +126,9 @@ class DPOMethod(MethodDefaults):
         index = torch.tensor(list(indices))
         return PairBatch(inputs, labels, ref_chosen[index], ref_rejected[index])
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._batch("train", indices) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._batch("train", indices))
 
     def _loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         logps = sequence_logps(model, batch.inputs, batch.labels)
