@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
-from app.db.models import WebhookDelivery, WebhookEndpoint
+from app.db.models import WebhookDelivery, WebhookDeliveryAttempt, WebhookEndpoint
 from app.services import outbox
 from tests.api.conftest import Backend
 from worker.webhooks import deliver_due, retry_delay
@@ -274,18 +274,29 @@ def test_deliveries_back_off_and_give_up(client: TestClient, auth: dict, backend
         team_id = session.get(WebhookEndpoint, endpoint["id"]).team_id
         event = outbox.emit(session, team_id, "run.failed", {"id": "run_x", "status": "failed"})
         session.commit()
-    attempted_at = []
+
+    def attempts() -> int:
+        with sessions() as session:
+            return session.query(WebhookDelivery).filter_by(event_id=event.id).one().attempts
+
+    # Other tests' deliveries share the database, so attempts are counted on this event's row.
     with httpx.Client(timeout=2) as http:
         deadline = time.monotonic() + 30
-        while len(attempted_at) < 3 and time.monotonic() < deadline:
-            if deliver_due(sessions, http, settings):
-                attempted_at.append(time.monotonic())
+        while attempts() < 3 and time.monotonic() < deadline:
+            deliver_due(sessions, http, settings)
             time.sleep(0.02)
         time.sleep(1.0)
-        assert deliver_due(sessions, http, settings) == 0  # failed for good: never taken again
-    gaps = [b - a for a, b in zip(attempted_at, attempted_at[1:], strict=False)]
-    # Never taken before it is due: 0.2 s, then 0.4 s (each ±10 %).
-    assert len(gaps) == 2 and gaps[0] >= 0.18 and gaps[1] >= 0.36
+        deliver_due(sessions, http, settings)
+    assert attempts() == 3  # failed for good: never taken again
+    with sessions() as session:
+        rows = session.query(WebhookDeliveryAttempt).join(
+            WebhookDelivery, WebhookDelivery.id == WebhookDeliveryAttempt.delivery_id).filter(
+            WebhookDelivery.event_id == event.id).order_by(WebhookDeliveryAttempt.number).all()
+    ends = [(r.started_at.timestamp(), r.started_at.timestamp() + r.duration_ms / 1000) for r in rows]
+    gaps = [start - end for (_, end), (start, _) in zip(ends, ends[1:], strict=False)]
+    # The next attempt is never taken before it is due: 0.2 s after the first, 0.4 s after the
+    # second (each ±10 %), counted from when the receiver's answer came back.
+    assert len(gaps) == 2 and gaps[0] >= 0.17 and gaps[1] >= 0.35, gaps
     assert [retry_delay(n, settings, jitter=0) for n in (1, 2, 3)] == [0.2, 0.4, 0.8]
     capped = settings.model_copy(update={"webhook_retry_max_seconds": 0.5})
     assert retry_delay(3, capped, jitter=0) == 0.5
