@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.integration.conftest import PREFERENCE_RECORDS, Stack, events, upload, wait_status
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROMPTS = [{"prompt": f"Name the number {i}.", "answer": str(i)} for i in range(16)]
 ADAPTER = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _metric_names(client: httpx.Client, run_id: str) -> set[str]:
@@ -101,3 +108,23 @@ def test_reward_model_run_then_ppo_scored_by_it(stack: Stack) -> None:
         "checkpoint_every_steps": 2})
     assert {"rewards/rm", "rewards/rm/errors", "objective/scores"} <= _metric_names(client, ppo_run["id"])
     assert _metric(client, ppo_run["id"], "rewards/rm/errors") == [0.0, 0.0]
+
+
+def test_examples_program_output_spec_learns_through_the_api(stack: Stack) -> None:
+    # examples/sft_grpo_program.json as the README submits it: SFT, then GRPO rewarded by running
+    # each record's program in the worker's sandbox; the held-out reward rises during GRPO.
+    stack.start_worker()
+    client = stack.client()
+    ids = {key: upload(client, _jsonl(EXAMPLES / name), fmt) for key, name, fmt in (
+        ("ds_programs_sft", "programs_sft.jsonl", "sft"), ("ds_programs", "programs.jsonl", "prompts"),
+        ("ds_programs_eval", "programs_eval.jsonl", "prompts"))}
+    text = (EXAMPLES / "sft_grpo_program.json").read_text()
+    for key, dataset_id in ids.items():
+        text = text.replace(f'"{key}"', f'"{dataset_id}"')
+    run = _run(client, json.loads(text))
+    body = client.get(f"/v1/runs/{run['id']}/metrics", params={"stage": 1, "split": "eval",
+                                                               "names": "reward"}).json()
+    rewards = [point[1] for point in body["data"][0]["points"]]
+    print(f"held-out reward during GRPO: {rewards}")
+    assert rewards[-1] >= rewards[0] + 0.3
+    assert any(e["kind"] == "grader_sandbox" for e in events(client, run["id"]))

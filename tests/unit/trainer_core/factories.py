@@ -7,6 +7,7 @@ namespace packages), so no test module imports another.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,19 @@ def train_rollout_stage(
         tokenizer=ctx.tokenizer, checkpoints=CheckpointPolicy(every_steps=checkpoint_every, keep=10),
         reporter=reporter, device=ctx.device, manifest_config={}, resume_from=resume_from,
     )
+
+
+def program_records(count: int, seed: int, names: str) -> list[dict[str, Any]]:
+    """Returns prompts records of a program-output task: ``n = 7`` / ``print(n % 2)`` prints ``1``.
+
+    Each has the prompt (the program and a newline), the ``program`` the ``code_output`` grader
+    runs, and the ``answer``. Variables are named from ``names``: disjoint names give held-out
+    programs that never appear in training.
+    """
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        name, value = rng.choice(names), rng.randint(0, 9)
+        program = f"{name} = {value}\nprint({name} % 2)"
+        records.append({"prompt": program + "\n", "program": program, "answer": str(value % 2)})
+    return records

@@ -18,7 +18,11 @@ from trainer_core.data.validate import validate_jsonl
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
 DATASET_FILES = {"ds_sft": "sft.jsonl", "ds_pref": "preference.jsonl", "ds_prompts": "prompts.jsonl",
-                 "ds_traj": "trajectories.jsonl"}
+                 "ds_traj": "trajectories.jsonl", "ds_programs_sft": "programs_sft.jsonl",
+                 "ds_programs": "programs.jsonl", "ds_programs_eval": "programs_eval.jsonl"}
+DATASET_FORMATS = {"ds_sft": "sft", "ds_pref": "preference", "ds_prompts": "prompts",
+                   "ds_traj": "trajectories", "ds_programs_sft": "sft", "ds_programs": "prompts",
+                   "ds_programs_eval": "prompts"}
 SPECS = sorted(EXAMPLES.glob("*.json"))
 
 
@@ -32,8 +36,7 @@ def test_every_dataset_file_is_valid_and_detected_as_its_format() -> None:
         with (EXAMPLES / name).open("rb") as stream:
             report = validate_jsonl(stream, None)  # detected, as the CLI and a format-less upload do
         assert report.ok, (name, report.errors)
-        assert report.format == {"ds_sft": "sft", "ds_pref": "preference", "ds_prompts": "prompts",
-                                 "ds_traj": "trajectories"}[dataset_id]
+        assert report.format == DATASET_FORMATS[dataset_id]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
