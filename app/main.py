@@ -27,6 +27,8 @@ from app.routes import (
     dashboard,
     datasets,
     evals,
+    files,
+    fine_tuning,
     graders,
     inference,
     keys,
@@ -35,6 +37,7 @@ from app.routes import (
     ops,
     runs,
     stream,
+    webhooks,
 )
 from app.services.auth import KeyCache
 from app.services.snapshots import SnapshotCache
@@ -58,6 +61,9 @@ ROUTERS: list[APIRouter] = [
     checkpoints.router,
     graders.router,
     keys.router,
+    files.router,
+    fine_tuning.router,
+    webhooks.router,
 ]
 
 UPLOAD_PATHS = {"/v1/datasets", "/v1/files"}

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
                                "this long (a cancel or resume through this process drops it at once; 0: off)"
     )
     log_json: bool = False
+    webhook_retry_base_seconds: float = Field(
+        5.0, gt=0, description="first retry delay of a failed webhook delivery; doubles per attempt"
+    )
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0, description="longest delay between two attempts")
+    webhook_max_attempts: int = Field(12, ge=1, description="attempts before a delivery is marked failed")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="time a receiver has to answer")
+    webhook_poll_seconds: float = Field(1.0, gt=0, description="how often the deliverer looks for due work")
     judge_base_url: str | None = Field(
         None, description="default endpoint of score_model graders; default: this server's own /v1"
     )

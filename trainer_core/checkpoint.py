@@ -6,6 +6,7 @@ Layout under a run's work_dir::
     stage-{i}/checkpoint-{step:08d}/      resume state after optimizer step `step`
         trainable.safetensors             trainable weights (LoRA, or every weight for full FT)
         optimizer.pt  rng.pt  method_state.pt  trainer_state.json
+        rng-rank{r}.pt                    RNG of rank r > 0 (runs on several processes)
         modules.pt                        a method's extra trainable modules (PPO value head), if any
         manifest.json                     written last: config, stage, step, versions, files+sha256
     export/adapter/  export/merged/       final exports, each with its manifest.json
@@ -39,7 +40,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from trainer_core.modeling import POLICY_ADAPTER, dequantized_weights, load_base_model, trainable_parameters
+from trainer_core.config import LoraAdapter
+from trainer_core.distributed import SINGLE, Ranks, barrier, copy_full_into, full_tensor
+from trainer_core.modeling import (
+    POLICY_ADAPTER,
+    dequantized_weights,
+    load_base_model,
+    load_policy,
+    trainable_parameters,
+)
 from trainer_core.reporting import CheckpointInfo, CheckpointKind, FileEntry
 from trainer_core.staging import staged_folder
 
@@ -146,6 +155,31 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks) -> dict[str, Any]:
+    """Returns the whole optimizer state (gathered from every rank's shards; only rank 0 gets it)."""
+    if not ranks.distributed:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                          ranks: Ranks) -> None:
+    if not ranks.distributed:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
 def save_resume_checkpoint(
     stage_folder: Path,
     stage_index: int,
@@ -159,38 +193,55 @@ def save_resume_checkpoint(
     config: dict[str, Any],
     metrics: dict[str, float],
     modules: Mapping[str, nn.Module] | None = None,
-) -> CheckpointInfo:
+    ranks: Ranks = SINGLE,
+) -> CheckpointInfo | None:
     """Returns the info of a complete resume checkpoint written for optimizer step ``step``.
 
     ``modules``: trainable modules besides the policy (a method's ``trainable_modules``), stored
-    by name.
+    by name. With several ranks every rank must call it: the sharded weights and optimizer state
+    are gathered to rank 0, which writes the same files a single process writes (plus each rank's
+    RNG) and returns the info; the other ranks return None.
     """
     final = stage_folder / f"checkpoint-{step:08d}"
-    weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+    weights = {name: full_tensor(p.detach()).cpu().contiguous()
+               for name, p in trainable_parameters(model).items()}
+    optimizer_state = _optimizer_state(model, optimizer, ranks)
     manifest = {"kind": "resume", "stage_index": stage_index, "step": step, "total_steps": total_steps,
-                "config": config, "metrics": metrics}
+                "world_size": ranks.world_size, "config": config, "metrics": metrics}
+    if not ranks.is_main:
+        barrier(ranks)  # rank 0 created the folder
+        torch.save(_rng_state(), final.with_name(final.name + ".tmp") / _rng_file(ranks.rank))
+        barrier(ranks)  # every rank's RNG is in: rank 0 seals the folder
+        barrier(ranks)  # sealed
+        return None
     with staged_folder(final) as tmp:
+        barrier(ranks)
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / _rng_file(ranks.rank))
         torch.save(method_state, tmp / "method_state.pt")
         if modules:
             torch.save({name: module.state_dict() for name, module in modules.items()}, tmp / "modules.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True))
+        barrier(ranks)
         files = _finalize(tmp, final, manifest)
+    barrier(ranks)
     return CheckpointInfo(stage_index=stage_index, step=step, kind="resume", path=final, files=files,
                           metrics=dict(metrics))
 
 
 def load_trainable_weights(folder: Path, model: nn.Module) -> None:
-    """Copies a resume checkpoint's trainable weights into ``model`` (names must match exactly)."""
+    """Copies a resume checkpoint's trainable weights into ``model`` (names must match exactly).
+
+    A sharded model keeps its own shard of each weight.
+    """
     weights = load_file(str(folder / "trainable.safetensors"))
     params = trainable_parameters(model)
     if set(weights) != set(params):
         raise ValueError(f"checkpoint {folder} does not match the model's trainable weights")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            copy_full_into(params[name], value)
 
 
 def stage_finished(folder: Path) -> bool:
@@ -201,15 +252,21 @@ def stage_finished(folder: Path) -> bool:
 
 def load_resume_checkpoint(
     folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-    modules: Mapping[str, nn.Module] | None = None,
+    modules: Mapping[str, nn.Module] | None = None, ranks: Ranks = SINGLE,
 ) -> ResumeState:
     """Returns the loop state of a resume checkpoint after loading weights, optimizer and RNG in place.
 
     ``modules`` get the weights ``save_resume_checkpoint`` stored for them (the same names).
 
     Call it last before training continues: restoring the RNG must come after anything (model
-    building, method setup) that draws random numbers.
+    building, method setup) that draws random numbers. Exact resume holds at the rank count the
+    checkpoint was written with; another count is refused (the data shares and RNG streams differ).
     """
+    manifest = read_manifest(folder)
+    written_by = int(manifest.get("world_size", 1))
+    if written_by != ranks.world_size:
+        raise ValueError(f"checkpoint {folder} was written by {written_by} processes; this attempt runs "
+                         f"{ranks.world_size} (resume with the same resources.gpus)")
     load_trainable_weights(folder, model)
     if modules:
         stored = torch.load(folder / "modules.pt", weights_only=True)
@@ -217,9 +274,8 @@ def load_resume_checkpoint(
             raise ValueError(f"checkpoint {folder} holds modules {sorted(stored)}, not {sorted(modules)}")
         for name, module in modules.items():
             module.load_state_dict(stored[name])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    _restore_rng(torch.load(folder / "rng.pt", weights_only=True))
-    manifest = read_manifest(folder)
+    _load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=True), ranks)
+    _restore_rng(torch.load(folder / _rng_file(ranks.rank), weights_only=True))
     return ResumeState(
         step=int(manifest["step"]),
         method_state=torch.load(folder / "method_state.pt", weights_only=True),
@@ -335,3 +391,26 @@ def _export_info(
 ) -> CheckpointInfo:
     files = _finalize(tmp, final, manifest)
     return CheckpointInfo(stage_index=stage_index, step=step, kind=kind, path=final, files=files)
+
+
+def adapter_from_resume_checkpoint(
+    checkpoint_dir: Path, out_dir: Path, *, base_model_dir: Path, adapter: LoraAdapter
+) -> Path:
+    """Returns a PEFT adapter folder with a resume checkpoint's LoRA weights (written once, atomically).
+
+    It serves an intermediate step as a model: the policy is rebuilt as training built it, the
+    checkpoint's trainable weights are loaded into it and it is saved as ``export_adapter`` would.
+    """
+    if (out_dir / "adapter_config.json").is_file():
+        return out_dir
+    # A per-process staging name: two API processes may serve the same step for the first time.
+    with staged_folder(out_dir.with_name(f"{out_dir.name}.{os.getpid()}")) as tmp:
+        model = load_policy(base_model_dir, adapter, torch.device("cpu"))
+        load_trainable_weights(checkpoint_dir, model)
+        model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], save_embedding_layers=False)
+        _fsync_tree(tmp)
+        if out_dir.exists():  # another process finished first; its folder is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    return out_dir

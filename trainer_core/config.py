@@ -18,6 +18,7 @@ from trainer_core.reward_config import ExactMatchReward
 from trainer_core.spec_base import (
     MAX_ACCUMULATION,
     MAX_BATCH,
+    MAX_BATCH_TOKENS,
     MAX_COEF,
     MAX_EPOCHS,
     MAX_GENERATIONS,
@@ -39,6 +40,7 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "ppo": ("prompts",),
     "grpo": ("prompts",),
     "sad": ("trajectories",),
+    "reward_model": ("preference",),
 }
 
 
@@ -123,7 +125,7 @@ class PromptCurriculum(SpecModel):
 # Stage defaults are LoRA rates (common LoRA recipes: SFT 2e-4, DPO 5e-6, RL 5e-6 to 1e-5). Full
 # fine-tuning moves every weight: a stage that leaves learning_rate unset gets these 10x lower rates.
 FULL_FINETUNE_LEARNING_RATES: dict[str, float] = {
-    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5,
+    "sft": 2e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 5e-7, "sad": 2e-5, "reward_model": 1e-5,
 }
 LEARNING_RATE_NOTE = "default: the method's LoRA rate; with adapter.type 'full', FULL_FINETUNE_LEARNING_RATES"
 
@@ -221,6 +223,17 @@ class StageBase(SpecModel):
             object.__setattr__(self, "epochs", 1.0)
         return self
 
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> StageBase:
+        # Each bound alone still allows a micro-batch no worker holds (4,096 x 131,072 tokens).
+        tokens = self.batch_size * self.max_seq_len
+        if tokens > MAX_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size x max_seq_len is {tokens} tokens per micro-batch, over the limit of "
+                f"{MAX_BATCH_TOKENS}: lower batch_size (raise gradient_accumulation to keep the "
+                "effective batch) or max_seq_len")
+        return self
+
 
 class SFTStage(StageBase):
     method: Literal["sft"] = Field(description="supervised fine-tuning on sft or trajectories records")
@@ -237,10 +250,15 @@ class DPOStage(StageBase):
         0.1, gt=0, le=MAX_COEF,
         description="strength of the implicit KL to the stage-start reference",
     )
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid (DPO) or ipo (on log-probs averaged over completion tokens)"
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5,
         description="assumed share of flipped preference labels (cDPO; sigmoid only)",
+    )
+    disable_dropout: bool = Field(
+        True, description="train the policy without dropout, as the reference runs (TRL's default)"
     )
 
     @field_validator("label_smoothing")
@@ -249,6 +267,20 @@ class DPOStage(StageBase):
         if v and info.data.get("loss_type") == "ipo":
             raise ValueError("label_smoothing applies to loss_type 'sigmoid' only (cDPO); IPO has none")
         return v
+
+
+class RewardModelStage(StageBase):
+    """A reward model: the base architecture + scalar head, trained with Bradley-Terry on preference pairs.
+
+    Its model scores sequences; it is not a policy a later stage could continue, so it is the only
+    stage of its run, which exports a ``reward_model`` checkpoint for ``reward_model`` graders.
+    """
+
+    method: Literal["reward_model"] = Field(
+        description="a reward model (scalar head, Bradley-Terry) on preference records"
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=1, description=LEARNING_RATE_NOTE)
+    disable_dropout: bool = Field(True, description="train without dropout (TRL's default)")
 
 
 class RolloutSpec(SpecModel):
@@ -456,7 +488,7 @@ class SADStage(StageBase):
 
 
 Stage = Annotated[
-    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage, Field(discriminator="method")
+    SFTStage | DPOStage | PPOStage | GRPOStage | SADStage | RewardModelStage, Field(discriminator="method")
 ]
 
 
@@ -525,6 +557,17 @@ class Integrations(SpecModel):
     mlflow: MlflowIntegration | None = Field(None, description="log metrics to MLflow")
 
 
+# Stage methods that train on several devices (FSDP2 over torchrun); the rollout methods and SAD's
+# teachers run on one device for now.
+DISTRIBUTED_METHODS = ("sft", "dpo")
+
+
+class Resources(SpecModel):
+    """What one run needs from a worker."""
+
+    gpus: int = Field(1, ge=1, le=64, description="devices the run trains on; > 1 shards it with FSDP2")
+
+
 class RunSpec(SpecModel):
     name: str | None = Field(None, max_length=200, description="a name for the run")
     base_model: str = Field(
@@ -555,11 +598,31 @@ class RunSpec(SpecModel):
         3, ge=1,
         le=1000, description="resumable checkpoints kept per stage (the best by eval_loss is kept too)",
     )
-    export: list[Literal["adapter", "merged"]] = Field(
+    export: list[Literal["adapter", "merged", "reward_model"]] = Field(
         ["adapter"],
-        max_length=2, description="what the finished run exports: the adapter, a merged model, or both",
+        max_length=2, description="what the finished run exports: the adapter, a merged model, or both "
+        "(a reward_model run: its reward_model checkpoint)",
     )
     integrations: Integrations = Field(Integrations(), description="experiment trackers to log metrics to")
+    resources: Resources = Field(Resources(), description="devices the run needs from one worker")
+
+    @model_validator(mode="after")
+    def _stages_fit_devices(self) -> RunSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if isinstance(self.adapter, QLoraAdapter):
+            raise ValueError("adapter.type 'qlora' trains on one device: FSDP2 over 4-bit bitsandbytes "
+                             "weights is not verified with the installed peft and bitsandbytes; use "
+                             "resources.gpus 1, or adapter.type 'lora' on several devices")
+        for i, stage in enumerate(self.stages):
+            if stage.method not in DISTRIBUTED_METHODS:
+                raise ValueError(f"stages[{i}]: method {stage.method!r} trains on one device; "
+                                 f"resources.gpus > 1 supports {' and '.join(DISTRIBUTED_METHODS)} stages")
+            if stage.batch_size < gpus:
+                raise ValueError(f"stages[{i}].batch_size ({stage.batch_size}) must be at least "
+                                 f"resources.gpus ({gpus}): each device trains on a share of it")
+        return self
 
     @model_validator(mode="after")
     def _full_finetune_rates(self) -> RunSpec:
@@ -571,6 +634,21 @@ class RunSpec(SpecModel):
                 for stage in self.stages
             ]
             object.__setattr__(self, "stages", stages)
+        return self
+
+    @model_validator(mode="after")
+    def _reward_model_alone(self) -> RunSpec:
+        trains_reward_model = any(isinstance(stage, RewardModelStage) for stage in self.stages)
+        if trains_reward_model and len(self.stages) > 1:
+            raise ValueError(
+                "a reward_model stage must be the only stage of its run: its model scores sequences and "
+                "no later stage can continue it; train the policy in another run whose reward is "
+                '{"type": "reward_model", "model": "<this run\'s checkpoint id>"}'
+            )
+        if trains_reward_model and "export" not in self.model_fields_set:
+            object.__setattr__(self, "export", ["reward_model"])
+        if trains_reward_model != (self.export == ["reward_model"]):
+            raise ValueError("export ['reward_model'] goes with a reward_model stage, and only with one")
         return self
 
     @model_validator(mode="after")

@@ -10,10 +10,11 @@ alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from trainer_core.checkpoint import (
     save_resume_checkpoint,
 )
 from trainer_core.config import StageBase
-from trainer_core.methods.base import LossOutput, StageMethod, weighted_mean
+from trainer_core.distributed import SINGLE, Ranks, agree, full_tensor, reshard, sum_across
+from trainer_core.methods.base import Filler, LossOutput, StageMethod, weighted_mean
 from trainer_core.modeling import trainable_parameters
-from trainer_core.reporting import Reporter
+from trainer_core.reporting import Reporter, StopRequested, raise_if_stopping
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,47 @@ def _to_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _step_metrics(outputs: list[LossOutput], units: int) -> dict[str, float]:
-    """Returns the method metrics of a step, averaged over micro-batches weighted by loss units."""
-    metrics = weighted_mean((out.metrics, out.num_units) for out in outputs)
-    metrics["loss"] = sum(_to_float(out.loss.detach()) for out in outputs) / max(units, 1)
-    return metrics
+def _step_totals(
+    outputs: list[LossOutput], ranks: Ranks, device: torch.device
+) -> tuple[dict[str, float], int, int]:
+    """Returns (method metrics, loss units, tokens) of a step over every rank's micro-batches.
+
+    Metrics are averaged over micro-batches weighted by loss units; the loss is the summed loss over
+    the step's units. One all-reduce carries every sum, so N ranks report what one process would.
+    """
+    means = weighted_mean((out.metrics, out.num_units) for out in outputs)
+    keys = sorted(means)
+    weight = float(sum(max(out.num_units, 0) for out in outputs))
+    local = [sum(_to_float(out.loss.detach()) for out in outputs),
+             float(sum(out.num_units for out in outputs)), float(sum(out.num_tokens for out in outputs)),
+             weight, *(means[key] * weight for key in keys)]
+    loss_sum, units, tokens, weight, *sums = sum_across(local, ranks, device)
+    metrics = {key: value / (weight or 1.0) for key, value in zip(keys, sums, strict=True)}
+    metrics["loss"] = loss_sum / max(units, 1)
+    return metrics, round(units), round(tokens)
+
+
+def _micro_batch_loss(
+    method: StageMethod, model: nn.Module, batch: Any, step: int, device: torch.device
+) -> LossOutput:
+    """Returns one micro-batch's loss after its backward; a Filler's counts nothing (zero gradient)."""
+    filler = isinstance(batch, Filler)
+    with _autocast(device):
+        out = method.loss(model, batch.batch if filler else batch, step)
+    if filler:
+        # The forward and backward still run: every rank must join FSDP's all-gathers and reductions.
+        out = LossOutput(out.loss * 0.0, 0, 0, out.metrics)
+    out.loss.backward()
+    return out
+
+
+def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Returns the gradient norm over every rank's shards after clipping to ``max_norm``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(0.0)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return _to_float(norm)
 
 
 def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -117,11 +155,28 @@ def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict
     return params
 
 
-def _evaluate(model: nn.Module, method: StageMethod, device: torch.device) -> dict[str, float] | None:
+def _accumulate(model: nn.Module, method: StageMethod, step: int, device: torch.device,
+                should_stop: Callable[[], bool] | None) -> list[LossOutput]:
+    """Returns the losses of the step's micro-batches, gradients accumulated; ``should_stop`` is
+    asked before each (up to 1,024 of them may make one step)."""
+    batches = method.micro_batches(model, step)
+    model.train()
+    outputs: list[LossOutput] = []
+    for batch in batches:
+        raise_if_stopping(should_stop)
+        outputs.append(_micro_batch_loss(method, model, batch, step, device))
+    return outputs
+
+
+def _evaluate(
+    model: nn.Module, method: StageMethod, device: torch.device, ranks: Ranks
+) -> dict[str, float] | None:
     model.eval()
     with _rng_preserved(device), torch.no_grad(), _autocast(device):
         metrics = method.evaluate(model)
     model.train()
+    if ranks.distributed:
+        reshard(model)
     return metrics
 
 
@@ -138,17 +193,25 @@ def train_stage(
     device: torch.device,
     manifest_config: dict[str, Any],
     resume_from: Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> StageOutcome:
-    """Returns how the stage ended after training ``model`` with ``method`` from step 0 or a checkpoint."""
+    """Returns how the stage ended after training ``model`` with ``method`` from step 0 or a checkpoint.
+
+    With several ``ranks`` every rank calls this with its FSDP-sharded model and a method that gives
+    it its share of each micro-batch; only rank 0's reporter records anything.
+    """
     remove_incomplete(stage_folder)
     method.setup(model, tokenizer)
+    if ranks.distributed:
+        reshard(model)
     modules = method.trainable_modules()
     params = _trained_parameters(model, modules)
     optimizer = _optimizer(params, stage, device)
     total = method.total_steps
     start_step, last_eval = 0, {}
     if resume_from is not None:
-        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer, modules=modules)
+        state = load_resume_checkpoint(resume_from, model=model, optimizer=optimizer, modules=modules,
+                                       ranks=ranks)
         method.load_state_dict(state.method_state)
         start_step, last_eval = state.step, state.trainer_state.get("last_eval", {})
 
@@ -156,42 +219,45 @@ def train_stage(
         info = save_resume_checkpoint(
             stage_folder, stage_index, step, total_steps=total, model=model, optimizer=optimizer,
             method_state=method.state_dict(), trainer_state={"last_eval": last_eval},
-            config=manifest_config, metrics=eval_metrics, modules=modules,
+            config=manifest_config, metrics=eval_metrics, modules=modules, ranks=ranks,
         )
-        reporter.on_checkpoint(info)
-        for path in prune_checkpoints(stage_folder, checkpoints.keep):
-            reporter.on_checkpoint_removed(path)
+        if info is not None:  # rank 0
+            reporter.on_checkpoint(info)
+            for path in prune_checkpoints(stage_folder, checkpoints.keep):
+                reporter.on_checkpoint_removed(path)
 
     train_metrics: dict[str, float] = {}
+    # Inside a step only a single process may stop on its own; several ranks stop together at the
+    # step's end, where they agree on it.
+    inside_step_stop = None if ranks.distributed else reporter.should_stop
     for step in range(start_step + 1, total + 1):
         started = time.perf_counter()
         lr = learning_rate_at(step, stage, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = method.micro_batches(model, step)
-        model.train()
-        outputs: list[LossOutput] = []
-        for batch in batches:
-            with _autocast(device):
-                out = method.loss(model, batch, step)
-            out.loss.backward()
-            outputs.append(out)
-        units = sum(out.num_units for out in outputs)
+        try:
+            outputs = _accumulate(model, method, step, device, inside_step_stop)
+        except StopRequested:
+            # Stopped inside the step (a cancel, or a lease another attempt took): the half-made
+            # step is dropped and the run resumes from its last complete checkpoint.
+            optimizer.zero_grad(set_to_none=True)
+            return StageOutcome("stopped", step - 1, train_metrics)
+        metrics, units, tokens = _step_totals(outputs, ranks, device)
         # The micro-batch losses are sums, so dividing the accumulated gradient by the step's unit
-        # count makes accumulation exactly one big batch, however the units fell across batches.
+        # count makes accumulation exactly one big batch, however the units fell across batches
+        # and ranks (FSDP averages gradients over ranks, hence the world size).
+        divisor = max(units, 1) / ranks.world_size
         for p in params.values():
             if p.grad is not None:
-                p.grad.div_(max(units, 1))
-        max_norm = stage.max_grad_norm if stage.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+                p.grad.div_(divisor)
+        grad_norm = _clip(list(params.values()), stage.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = sum(out.num_tokens for out in outputs)
         elapsed = time.perf_counter() - started
         train_metrics = {
-            **_step_metrics(outputs, units),
+            **metrics,
             "lr": lr,
-            "grad_norm": _to_float(grad_norm),
+            "grad_norm": grad_norm,
             "num_tokens": float(tokens),
             "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
             "step_time": elapsed,
@@ -200,12 +266,13 @@ def train_stage(
 
         eval_metrics: dict[str, float] = {}
         if step == total or (stage.eval_every_steps and step % stage.eval_every_steps == 0):
-            eval_metrics = _evaluate(model, method, device) or {}
+            with contextlib.suppress(StopRequested):  # the step is complete: skip the eval, save below
+                eval_metrics = _evaluate(model, method, device, ranks) or {}
             if eval_metrics:
                 last_eval = eval_metrics
                 reporter.on_metrics(stage_index, step, "eval", eval_metrics)
 
-        stop = reporter.should_stop()
+        stop = agree(reporter.should_stop(), ranks, device)
         periodic = checkpoints.every_steps is not None and step % checkpoints.every_steps == 0
         # The last step always checkpoints: it is how a resumed pipeline knows the stage is done.
         if stop or periodic or step == total:

@@ -14,9 +14,11 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from trainer_core.config import Adapter, FullAdapter, LoraAdapter, QLoraAdapter
+from trainer_core.distributed import reshard
 from trainer_core.errors import TrainingDataError
 from trainer_core.model_folders import missing_target_modules
 from trainer_core.staging import staged_folder
@@ -232,6 +234,21 @@ def save_policy_weights(model: nn.Module, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Sets every dropout of ``model`` to 0 (LoRA dropout included), as TRL does for RL and DPO.
+
+    Methods that compare the policy with itself or with a dropout-free reference (PPO's ratio to
+    its rollout's log-probs, DPO's margins against the reference) must see the same function in
+    both forwards: train mode may then differ from eval mode in nothing else.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # Attention dropout is applied functionally from a float attribute (e.g. Llama, Qwen2).
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Returns the parameters that train, by name (LoRA weights, or everything for full FT)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -242,8 +259,12 @@ def output_projection(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
     Lets losses project only the positions they need instead of computing full-vocabulary logits
     everywhere. The head may be LoRA-wrapped. None when the model post-processes logits after
-    the head (soft-capping, logit scaling), in which case callers use the full forward.
+    the head (soft-capping, logit scaling), in which case callers use the full forward. None for an
+    FSDP-sharded model too: its root's weights (embeddings, final norm, head) are only gathered by
+    the root's own forward.
     """
+    if isinstance(model, FSDPModule):
+        return None
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     backbone = getattr(inner, inner.base_model_prefix, None)
     head = inner.get_output_embeddings()
@@ -331,6 +352,10 @@ class ReferencePolicy:
                     yield self._frozen
         finally:
             if isinstance(model, PeftModel):
+                # A sharded model's root keeps its gathered weights after a forward without backward;
+                # put the sharded ones back first, or set_adapter would re-enable grads on the
+                # gathered copies and leave the sharded policy weights frozen.
+                reshard(model)
                 # set_adapter re-enables grads on the policy adapter and freezes the reference.
                 model.set_adapter(POLICY_ADAPTER)
             model.train(was_training)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer_core.checkpoint import (
+    complete_checkpoints,
     export_adapter,
     export_merged,
     latest_complete_checkpoint,
@@ -24,6 +25,7 @@ from trainer_core.checkpoint import (
 )
 from trainer_core.config import METHOD_FORMATS, FullAdapter, RunSpec, StageBase
 from trainer_core.data.mixture import build_mixture, load_records
+from trainer_core.distributed import SINGLE, Ranks, agree, barrier, shard_model
 from trainer_core.errors import TrainingDataError
 from trainer_core.graders.scoring import GraderRuntime, needs_sandbox
 from trainer_core.loop import CheckpointPolicy, train_stage
@@ -39,6 +41,7 @@ from trainer_core.modeling import (
     set_gradient_checkpointing,
 )
 from trainer_core.reporting import Reporter
+from trainer_core.reward_models import export_reward_model, head_from_checkpoint
 
 
 @dataclass
@@ -114,6 +117,7 @@ def run_pipeline(
     start_adapter: Path | None = None,
     graders: GraderRuntime | None = None,
     rollout_sglang_url: str | None = None,
+    ranks: Ranks = SINGLE,
 ) -> PipelineResult:
     """Returns how the run ended after training every stage of ``spec`` and exporting.
 
@@ -122,6 +126,11 @@ def run_pipeline(
     (a LoRA adapter over ``base_model_path``, trained further) when given, else from a fresh
     adapter. Calling again with the same ``work_dir`` after a crash or a stop resumes from the
     latest complete checkpoint (a "resumed" event says where).
+
+    With several ``ranks`` (a torchrun gang; ``device`` is this rank's device) every rank calls this
+    with the same arguments and trains an FSDP2-sharded policy; rank 0 writes the stage-start
+    folders and the exports (from a whole model rebuilt from the stage's last checkpoint, so they
+    are the folders a single process writes). Other ranks should get a reporter that records nothing.
     """
     if start_adapter is not None and isinstance(spec.adapter, FullAdapter):
         raise TrainingDataError("adapter.type 'full' cannot continue a LoRA adapter checkpoint; "
@@ -144,11 +153,13 @@ def run_pipeline(
         reporter.on_event("resumed", f"resumed from stage {index} step {step}",
                           {"stage_index": index, "step": step, "checkpoint": str(folder)})
         if stage_finished(folder):
-            first_stage, previous = index + 1, _finished_stage_model(spec, base_model_path, work_dir,
-                                                                    index, folder, torch_device)
+            first_stage = index + 1
+            if ranks.is_main:
+                previous = _finished_stage_model(spec, base_model_path, work_dir, index, folder, torch_device)
         else:
             first_stage, resume_from = index, folder
 
+    # The policy as the last finished stage ended, whole (on rank 0 only when distributed).
     model: nn.Module | None = previous
     final_metrics: dict[str, float] = {}
     for index in range(first_stage, len(spec.stages)):
@@ -159,18 +170,24 @@ def run_pipeline(
         resuming = resume_from is not None and index == first_stage
         if not resuming:
             seed_everything(spec.seed, index)
-            if model is None and start != base_model_path:
-                model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start_adapter)
-            if model is not None:
-                save_policy_weights(model, start)
+            if ranks.is_main:
+                if model is None and start != base_model_path:
+                    model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start_adapter)
+                if model is not None:
+                    save_policy_weights(model, start)
+            barrier(ranks)
         model = load_policy(base_model_path, spec.adapter, torch_device, start_dir=start)
         checkpointing = set_gradient_checkpointing(model, spec.gradient_checkpointing, torch_device)
+        if ranks.distributed:
+            shard_model(model, torch_device)
         train, held_out = datasets.stage_split(stage, index, spec.seed)
         ctx = StageContext(
             stage=stage, stage_index=index, seed=spec.seed, adapter=spec.adapter, tokenizer=tokenizer,
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
-            graders=graders, rollout_sglang_url=rollout_sglang_url,
+            graders=graders, rollout_sglang_url=rollout_sglang_url, ranks=ranks,
+            # Several ranks stop together at a step's end (agreed); inside a step only one process may.
+            should_stop=None if ranks.distributed else reporter.should_stop,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",
@@ -185,24 +202,38 @@ def run_pipeline(
             model, method, stage, stage_index=index, stage_folder=folder, tokenizer=tokenizer,
             checkpoints=checkpoints, reporter=reporter, device=torch_device,
             manifest_config={"run": config, "stage_index": index},
-            resume_from=resume_from if resuming else None,
+            resume_from=resume_from if resuming else None, ranks=ranks,
         )
         final_metrics = outcome.final_metrics
         if outcome.status == "stopped":
             return PipelineResult("stopped", final_metrics=final_metrics)
         reporter.on_event("stage_finished", f"stage {index} ({stage.method}) finished",
                           {"stage_index": index, "method": stage.method, "total_steps": method.total_steps})
-        if reporter.should_stop() and index + 1 < len(spec.stages):
+        if ranks.distributed:
+            # A sharded policy cannot be saved as a folder: rank 0 rebuilds it whole from the stage's
+            # final checkpoint, which every rank has finished writing.
+            barrier(ranks)
+            model = (_finished_stage_model(spec, base_model_path, work_dir, index,
+                                           complete_checkpoints(folder)[-1], torch_device)
+                     if ranks.is_main else None)
+        if agree(reporter.should_stop(), ranks, torch_device) and index + 1 < len(spec.stages):
             return PipelineResult("stopped", final_metrics=final_metrics)
 
+    if not ranks.is_main:
+        return PipelineResult("succeeded", final_metrics=final_metrics)
     assert model is not None, "a finished run always has a final model"
     last = len(spec.stages) - 1
-    step = read_manifest(latest_complete_checkpoint(work_dir)[1])["step"]
+    final_checkpoint = latest_complete_checkpoint(work_dir)[1]
+    step = read_manifest(final_checkpoint)["step"]
     exports: dict[str, Path] = {}
     for kind in spec.export:
         out_dir = work_dir / "export" / kind
         if kind == "adapter":
             info = export_adapter(model, tokenizer, out_dir, stage_index=last, step=step, config=config)
+        elif kind == "reward_model":
+            info = export_reward_model(model, head_from_checkpoint(final_checkpoint, model), tokenizer,
+                                       out_dir, base_model_dir=base_model_path, stage_index=last, step=step,
+                                       config=config)
         else:
             info = export_merged(model, tokenizer, out_dir, base_model_dir=base_model_path,
                                  stage_index=last, step=step, config=config)

@@ -6,9 +6,11 @@ The worker hands the trainer a reporter that writes to the database; tests hand 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 CheckpointKind = Literal["resume", "adapter", "merged", "reward_model"]
 
@@ -31,6 +33,17 @@ class CheckpointInfo:
     files: list[FileEntry]
     metrics: dict[str, float] = field(default_factory=dict)
     is_best: bool = False
+
+
+class StopRequested(Exception):
+    """Raised inside a step (between micro-batches, while sampling rollouts) once ``should_stop`` is
+    true: a cancel, or a lease another attempt took, must not wait for a step that may never end."""
+
+
+def raise_if_stopping(should_stop: Callable[[], bool] | None) -> None:
+    """Raises StopRequested when ``should_stop`` says so (None: never)."""
+    if should_stop is not None and should_stop():
+        raise StopRequested
 
 
 class Reporter(Protocol):
@@ -84,3 +97,73 @@ class RecordingReporter:
             for s, _, split, v in self.metrics
             if split == "train" and name in v and (stage_index is None or s == stage_index)
         ]
+
+
+class SilentReporter:
+    """Records nothing and never asks to stop: the reporter of every rank but 0 (rank 0 reports)."""
+
+    def on_metrics(self, stage_index: int, step: int, split: str, values: dict[str, float]) -> None:
+        """Rank 0 reports the step's metrics, already summed over every rank."""
+
+    def on_event(self, kind: str, message: str, data: dict | None = None) -> None:
+        """Rank 0 reports events."""
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None:
+        """Rank 0 writes and reports checkpoints."""
+
+    def on_checkpoint_removed(self, path: Path) -> None:
+        """Rank 0 prunes checkpoints."""
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class JsonlReporter:
+    """Appends every report as a JSON line to a file; asks to stop once ``stop_file`` exists.
+
+    Rank 0 of a run the worker launched as child processes reports through it; the worker replays
+    the lines into its own reporter (``replay_reports``) and creates ``stop_file`` to ask for a stop.
+    """
+
+    def __init__(self, path: Path, stop_file: Path) -> None:
+        self.path, self.stop_file = path, stop_file
+
+    def _write(self, record: dict[str, Any]) -> None:
+        # One write per line, flushed at once: the reader sees whole lines as they happen.
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def on_metrics(self, stage_index: int, step: int, split: str, values: dict[str, float]) -> None:
+        self._write({"type": "metrics", "stage_index": stage_index, "step": step, "split": split,
+                     "values": values})
+
+    def on_event(self, kind: str, message: str, data: dict | None = None) -> None:
+        self._write({"type": "event", "kind": kind, "message": message, "data": data})
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None:
+        self._write({"type": "checkpoint", "info": {**asdict(info), "path": str(info.path)}})
+
+    def on_checkpoint_removed(self, path: Path) -> None:
+        self._write({"type": "checkpoint_removed", "path": str(path)})
+
+    def should_stop(self) -> bool:
+        return self.stop_file.exists()
+
+
+def replay_reports(lines: list[str], reporter: Reporter) -> None:
+    """Hands each JSON line a ``JsonlReporter`` wrote to ``reporter``, in order."""
+    for line in lines:
+        record = json.loads(line)
+        kind = record["type"]
+        if kind == "metrics":
+            reporter.on_metrics(record["stage_index"], record["step"], record["split"], record["values"])
+        elif kind == "event":
+            reporter.on_event(record["kind"], record["message"], record["data"])
+        elif kind == "checkpoint":
+            info = record["info"]
+            reporter.on_checkpoint(CheckpointInfo(**{**info, "path": Path(info["path"]),
+                                                     "files": [FileEntry(**f) for f in info["files"]]}))
+        elif kind == "checkpoint_removed":
+            reporter.on_checkpoint_removed(Path(record["path"]))
+        else:
+            raise ValueError(f"unknown report type {kind!r}")

@@ -27,6 +27,7 @@ from trainer_core.modeling import choose_device, load_base_model, load_tokenizer
 from trainer_core.reporting import CheckpointInfo
 
 HEAD_FILE = "reward_head.safetensors"
+HEAD_MODULE = "reward_head"  # the head's name among the loop's trainable modules (resume checkpoints)
 
 
 class ScalarHead(nn.Module):
@@ -77,6 +78,14 @@ def export_reward_model(
         config=config, kind="reward_model",
         extra_files={HEAD_FILE: lambda path: save_file(head_weights, path)},
     )
+
+
+def head_from_checkpoint(folder: Path, model: nn.Module) -> ScalarHead:
+    """Returns the scalar head stored in a resume checkpoint of a reward_model stage."""
+    head = head_for(model)
+    stored = torch.load(folder / "modules.pt", weights_only=True, map_location="cpu")
+    head.load_state_dict(stored[HEAD_MODULE])
+    return head
 
 
 class RewardModelScorer:

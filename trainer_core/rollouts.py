@@ -20,6 +20,7 @@ from trainer_core.data.render import render_prompt
 from trainer_core.generation import Completions, eval_mode, seeded_generator, stop_token_ids
 from trainer_core.graders.scoring import build_grader
 from trainer_core.methods.base import RECORD_FORMAT_KEY, StageContext, weighted_mean
+from trainer_core.modeling import disable_dropout
 from trainer_core.rollout_engines import RolloutEngine, build_engine
 
 RolloutStage = GRPOStage | PPOStage
@@ -69,8 +70,14 @@ class PromptRollouts:
         self._stop_ids: list[int] = []
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Reads the stop tokens of the policy being trained."""
+        """Reads the stop tokens of the policy being trained and turns its dropout off.
+
+        Policy forwards in RL run without dropout (as TRL's): the log-probs a rollout is scored
+        with (eval mode) and those of the loss (train mode) must come from the same function, or
+        the ratio is not 1 before any update.
+        """
         self._stop_ids = stop_token_ids(model, tokenizer)
+        disable_dropout(model)
 
     def sample(
         self, model: nn.Module, prompts: Sequence[list[int]], items: Sequence[dict[str, Any]],
@@ -92,6 +99,7 @@ class PromptRollouts:
             generator=generator,
             temperature=stage.temperature,
             top_p=stage.top_p,
+            should_stop=self._ctx.should_stop,
         )
         tokenizer = self._ctx.tokenizer
         texts = tokenizer.batch_decode(completions.completion_token_lists(), skip_special_tokens=True)

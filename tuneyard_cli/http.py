@@ -46,6 +46,14 @@ def api_key() -> str | None:
     return os.environ.get("TUNEYARD_API_KEY") or _saved(KEY_FILE)
 
 
+def api_key_expression() -> str:
+    """Returns Python that reads the key the way this client found it (for snippets to paste)."""
+    if os.environ.get("TUNEYARD_API_KEY") or not _saved(KEY_FILE):
+        return 'os.environ["TUNEYARD_API_KEY"]'
+    return f'open("{(data_dir() / KEY_FILE).resolve()}").read().strip()'
+
+
+
 class ApiError(SystemExit):
     """An error answer, as one line: status, code, message and what to do."""
 

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from tuneyard_cli.http import ApiError, checked, service_url
+from tuneyard_cli.http import ApiError, api_key_expression, checked, service_url
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SHOWN_METRICS = ("loss", "eval_loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins",
-                 "reward", "kl", "lr")
-EXPORT_KINDS = ("adapter", "merged")
+                 "accuracy", "reward", "kl", "lr")
+EXPORT_KINDS = ("adapter", "merged", "reward_model")
 RECONNECT_TRIES = 30  # one a second: a service gone for longer ends `--follow` with one line
 
 
@@ -178,7 +178,7 @@ try it:
   # Python, OpenAI SDK (pip install openai)
   import os
   from openai import OpenAI
-  client = OpenAI(base_url="{service_url()}/v1", api_key=os.environ["TUNEYARD_API_KEY"])
+  client = OpenAI(base_url="{service_url()}/v1", api_key={api_key_expression()})
   reply = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}])
   print(reply.choices[0].message.content)""")
 

@@ -171,7 +171,9 @@ def cmd_models_add(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reaper(settings: Settings, args: argparse.Namespace) -> int:
     from app.jobs.reaper import run_reaper_forever
+    from worker.webhooks import start_deliverer
 
+    start_deliverer(settings)  # the webhook outbox is sent from the reaper's process, on its own thread
     run_reaper_forever(settings)
     return 0
 

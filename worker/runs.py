@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from app.db.session import make_session_factory
 from app.errors import ApiError
 from app.inference.resolution import find_model
 from app.jobs.lease import Claim, Lease, StaleAttempt, add_event, end_attempt, requeue_attempt, take
+from app.jobs.placement import claimable_here
 from app.jobs.states import RUN
 from app.services.datasets import check_usable
 from app.services.models import reward_model_checkpoint
@@ -41,6 +43,7 @@ from trainer_core.errors import GraderFailure, TrainingDataError
 from trainer_core.grader_config import RewardModelGrader
 from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer
 from trainer_core.model_folders import ModelFolders
+from worker.devices import as_worker_host, detect_devices
 from worker.reporter import DbReporter
 from worker.trackers import open_trackers
 
@@ -83,6 +86,10 @@ def train_run(run_id: str) -> str:
 def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Session], store: LocalBlobStore,
                 celery: Celery, pipeline: Callable[..., Any] | None = None) -> str:
     """Returns the outcome of one attempt: succeeded|cancelled|failed|requeued|skipped|superseded."""
+    with sessions() as session:
+        if not claimable_here(session, run_id, as_worker_host(socket.gethostname(), detect_devices())):
+            # Another worker may hold it: the reaper re-sends queued runs nobody claimed.
+            return "skipped"
     taken = take(sessions, RUN, run_id, settings)
     if taken is None:
         return "skipped"
@@ -100,7 +107,9 @@ def execute_run(run_id: str, *, settings: Settings, sessions: sessionmaker[Sessi
         spec = RunSpec.model_validate(spec_json)
         with sessions() as session:
             inputs = resolve_inputs(session, settings, store, team_id, spec)
-        if pipeline is None:
+        if pipeline is None and spec.resources.gpus > 1:
+            from worker.gang import launch_pipeline as pipeline
+        elif pipeline is None:
             from trainer_core.pipeline import run_pipeline as pipeline
         with open_trackers(spec, run_id, work_dir, reporter) as mirrored:
             result = pipeline(

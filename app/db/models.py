@@ -125,6 +125,9 @@ class Run(Base):
     # When the reaper last re-sent the message of this queued period (None: not yet).
     resent_at: Mapped[datetime | None]
     error: Mapped[dict[str, Any] | None]
+    # The fit estimate at submit (trainer_core.estimate.FitEstimate.as_dict); None when the base
+    # model's config could not be read.
+    estimate: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -204,7 +207,7 @@ class Checkpoint(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     stage_index: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(20))  # resume|adapter|merged
+    kind: Mapped[str] = mapped_column(String(20))  # resume|adapter|merged|reward_model
     blob_prefix: Mapped[str] = mapped_column(String(400))  # storage key of the folder
     files: Mapped[list[Any]] = mapped_column(default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -231,3 +234,110 @@ class Eval(Base):
     heartbeat_at: Mapped[datetime | None]
     queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     resent_at: Mapped[datetime | None]
+
+
+class FineTuningJob(Base):
+    """An OpenAI-style fine-tuning job: a one-stage run plus the fields OpenAI's API has.
+
+    While its files validate the job has no run (`status` = validating_files); once they are ready
+    the run is created and the job's status is the run's (see app.services.fine_tuning). `status`
+    holds only what no run can say: validating_files, started (a run exists), failed or cancelled
+    before a run existed.
+    """
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (Index("ix_fine_tuning_jobs_team_model", "team_id", "fine_tuned_model"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), index=True)
+    status: Mapped[str] = mapped_column(String(20), default="validating_files")
+    model: Mapped[str] = mapped_column(String(300))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    # The request's method with every "auto" resolved once the files are known.
+    method: Mapped[dict[str, Any]]
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    integrations: Mapped[list[Any] | None]
+    fine_tuned_model: Mapped[str] = mapped_column(String(400))
+    # Set by pause, cleared by resume: the run stops like a cancel but the job reads `paused`.
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(String(2000))
+    event_types: Mapped[list[Any]]
+    # Kept in clear: signing an HMAC needs the secret itself (shown to the user once).
+    secret: Mapped[str] = mapped_column(String(100))
+    # After a rotation with keep_old_secret_active_for_24_hours, deliveries carry both signatures.
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEvent(Base):
+    """One event of the outbox, written in the transaction of the state change it reports.
+
+    Its id is the `webhook-id` of every delivery of it, so a receiver can de-duplicate retries.
+    """
+
+    __tablename__ = "webhook_events"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(60))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: pending until a 2xx answer, retried with exponential backoff."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+                                             index=True)
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A deliverer holds a delivery until this time; one that died mid-request lets it go this way.
+    locked_until: Mapped[datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDeliveryAttempt(Base):
+    __tablename__ = "webhook_delivery_attempts"
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+                                             index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerHost(Base):
+    """A training worker and the devices it offers, kept fresh by its heartbeat."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name
+    device_kind: Mapped[str] = mapped_column(String(10))  # cuda|cpu
+    device_count: Mapped[int] = mapped_column(Integer)
+    memory_per_device_bytes: Mapped[int] = mapped_column(BigInteger)
+    device_name: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -18,9 +18,11 @@ from sqlalchemy.orm import Session
 from app.db.models import Checkpoint, Run, Team
 from app.errors import Unprocessable
 from app.inference.types import ModelKind, ResolvedModel
+from app.services.fine_tuned_models import checkpoint_for_model_name
 from app.services.models import base_model_dir, finished_checkpoint, model_not_found
 from app.settings import Settings
 from app.storage import LocalBlobStore
+from trainer_core.config import LoraAdapter, RunSpec
 
 _ALIAS = re.compile(
     r"^(?P<run>[^:]+?)(?::stage-(?P<stage>\d+))?(?::step-(?P<step>\d+))?(?::(?P<kind>adapter|merged))?$"
@@ -103,6 +105,8 @@ def find_model(
     folder = base_model_dir(settings, name)
     if folder is not None:
         return ResolvedModel(id=name, kind="base", base_model=name, base_path=folder)
+    if name.startswith("ft:"):
+        return _find_fine_tuned(session, settings, store, team, name)
     checkpoint = finished_checkpoint(session, team, name)
     if checkpoint is None and not name.startswith("ckpt_"):
         alias = parse_alias(name)
@@ -117,6 +121,33 @@ def find_model(
         base_path=_base_of_run(session, settings, store, team, run),
         checkpoint_path=store.path_for(checkpoint.blob_prefix),
     )
+
+
+def _find_fine_tuned(
+    session: Session, settings: Settings, store: LocalBlobStore, team: Team, name: str
+) -> ResolvedModel | None:
+    """Returns the weights of a fine-tuning job's model name (`ft:…`, `ft:…:ckpt-step-N`), or None.
+
+    An intermediate step is a resume checkpoint; it is served through a PEFT adapter folder
+    written from it on first use (under `served/<checkpoint id>` in the blob store).
+    """
+    checkpoint = checkpoint_for_model_name(session, team, name)
+    run = session.get(Run, checkpoint.run_id) if checkpoint is not None else None
+    if checkpoint is None or run is None:
+        return None
+    base_path = _base_of_run(session, settings, store, team, run)
+    path = store.path_for(checkpoint.blob_prefix)
+    if checkpoint.kind == "resume":
+        from trainer_core.checkpoint import adapter_from_resume_checkpoint
+
+        adapter = RunSpec.model_validate(run.spec).adapter
+        if not isinstance(adapter, LoraAdapter):
+            raise Unprocessable(f"model {name!r} is a full fine-tuning step; only LoRA steps are served",
+                                code="model_not_servable", param="model")
+        path = adapter_from_resume_checkpoint(path, store.path_for(f"served/{checkpoint.id}"),
+                                              base_model_dir=base_path, adapter=adapter)
+    return ResolvedModel(id=checkpoint.id, kind="adapter", base_model=run.base_model, base_path=base_path,
+                         checkpoint_path=path)
 
 
 def resolve_model(

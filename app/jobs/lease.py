@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Event, Run, UTCDateTime, utcnow
-from app.jobs.states import RUN, JobKind, move_stages
+from app.jobs.states import RUN, JobKind, after_move
 from app.settings import Settings
 
 log = logging.getLogger("tuneyard.jobs.lease")
@@ -150,8 +150,7 @@ def end_attempt(session: Session, kind: JobKind, job_id: str, attempt: int, new_
     model = kind.model
     session.execute(update(model).where(model.id == job_id, model.attempt == attempt, model.status == current)
                     .values(**values).execution_options(synchronize_session=False))
-    if kind.has_stages:
-        move_stages(session, job_id, new_status, now)
+    after_move(session, kind, job_id, new_status, now)
     return new_status
 
 
@@ -170,7 +169,7 @@ def requeue_attempt(session: Session, run_id: str, attempt: int, *, kind: str, m
     session.execute(update(Run).where(Run.id == run_id, Run.attempt == attempt)
                     .values(**RUN.states.values(run_id, current, target, now))
                     .execution_options(synchronize_session=False))
-    move_stages(session, run_id, target, now)
+    after_move(session, RUN, run_id, target, now)
     add_event(session, run_id, attempt, kind, message, data, level="warning")
     return target == "queued"
 

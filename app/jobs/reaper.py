@@ -32,12 +32,15 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.broker import TASK_ROUTES, create_celery, queue_depth, send_task
 from app.db.models import Dataset, Event, utcnow
 from app.db.session import make_session_factory
-from app.jobs.states import EVAL, RUN, JobKind, move_stages
+from app.jobs.states import EVAL, RUN, JobKind, after_move
+from app.services.fine_tuning import start_waiting_jobs
 from app.settings import Settings
 
 log = logging.getLogger("tuneyard.reaper")
 
 KINDS = (RUN, EVAL)
+# Longer than any submit takes between committing its row and publishing its message.
+PUBLISH_MARGIN_SECONDS = 5.0
 
 
 @dataclass
@@ -123,8 +126,8 @@ def _reap_stale(session: Session, kind: JobKind, now: datetime, cutoff: datetime
         if moved != 1:
             session.rollback()
             continue
+        after_move(session, kind, job_id, target, now)
         if kind.has_stages:
-            move_stages(session, job_id, target, now)
             session.add(Event(run_id=job_id, attempt=attempt, kind=event, message=message,
                               level="error" if target == "failed" else "warning",
                               data={"lost_owner": owner, "reason": "lease_expired"}))
@@ -158,7 +161,7 @@ def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
         groups.append([_Message(kind.task, kind.model, kind.name, j, "queued", again) for j, again in due])
     groups.append([_Message("tuneyard.validate_dataset", Dataset, "dataset", d, "validating", True)
                    for d in result.datasets])
-    messages = [m for group in groups if group for m in _lost_only(session, celery, group)]
+    messages = [m for group in groups if group for m in _lost_only(session, celery, group, now)]
     sent = 0
     for message in messages:
         if not send_task(celery, message.task, [message.id]):
@@ -169,15 +172,25 @@ def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
     return sent
 
 
-def _lost_only(session: Session, celery: Celery, group: list[_Message]) -> list[_Message]:
-    """Returns the first messages of `group` (one job kind, one queue) up to the number the broker lost."""
+def _lost_only(session: Session, celery: Celery, group: list[_Message], now: datetime) -> list[_Message]:
+    """Returns the first messages of `group` (one job kind, one queue) up to the number the broker lost.
+
+    Only items that have waited PUBLISH_MARGIN_SECONDS are counted: a submit commits its row before
+    it publishes, so a newer item's message may still be on its way (counting it would re-send an
+    older item's message that is not lost).
+    """
     first = group[0]
     depth = queue_depth(celery, TASK_ROUTES[first.task]["queue"])
     if depth is None:
         return group
     model = first.model
-    waiting = session.scalar(select(func.count()).select_from(model).where(model.status == first.waiting))
-    lost = max(0, (waiting or 0) - depth)
+    since = model.created_at if model is Dataset else model.queued_at
+    settled = now - timedelta(seconds=PUBLISH_MARGIN_SECONDS)
+    waiting = session.scalar(select(func.count()).select_from(model).where(
+        model.status == first.waiting, or_(since.is_(None), since < settled)))
+    # Jobs this pass re-queued lost their message with their worker; the rest are counted.
+    requeued = sum(1 for m in group if not m.unclaimed)
+    lost = requeued + max(0, (waiting or 0) - depth)
     if lost < len(group):
         log.info("%d %s(s) due for a re-send, %d waiting, %d messages queued: re-sending %d", len(group),
                  first.what, waiting, depth, lost)
@@ -217,6 +230,9 @@ def run_reaper_forever(settings: Settings) -> None:
                                    queued_grace_seconds=settings.queued_grace_seconds,
                                    max_attempts=settings.max_attempts)
                 resend(session, celery, result, now, settings.queued_grace_seconds)
+                # Fine-tuning jobs whose files finished validating while no validation task could
+                # start them (a worker lost between its commit and that call).
+                start_waiting_jobs(session, settings, celery)
         except Exception:  # the database or broker is away: the next pass tries again
             log.exception("reaper pass failed")
         time.sleep(max(0.0, settings.reaper_interval_seconds - (time.monotonic() - started)))

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.models import Eval, Run, RunStage, utcnow
+from app.services import outbox
 
 
 class IllegalTransition(ValueError):
@@ -108,6 +109,14 @@ STAGE_MOVES: Mapping[str, Mapping[str, str]] = {
 STAGE_ENDS = ("succeeded", "failed", "cancelled")
 
 
+def after_move(session: Session, kind: JobKind, job_id: str, new_status: str, now: datetime) -> None:
+    """Writes what follows every move of a job, in the move's transaction: a run's stages move with
+    it, and an end (succeeded, failed, cancelled) goes into the webhook outbox."""
+    if kind.has_stages:
+        move_stages(session, job_id, new_status, now)
+    outbox.job_moved(session, kind.name, job_id, new_status)
+
+
 def move_stages(session: Session, run_id: str, run_status: str, now: datetime | None = None) -> None:
     """Moves the run's stages along with the run's move to `run_status` (one UPDATE; none if no change)."""
     moves = STAGE_MOVES.get(run_status)
@@ -174,7 +183,7 @@ def transition_atomically(session: Session, kind: JobKind, row: Run | Eval, new:
         return False
     for column, value in values.items():
         set_committed_value(row, column, value)
+    after_move(session, kind, row.id, new, now)
     if kind.has_stages:
-        move_stages(session, row.id, new, now)
         session.expire(row, ["stages"])
     return True

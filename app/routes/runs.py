@@ -6,7 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from app.deps import CeleryDep, CurrentTeam, SessionDep, SettingsDep, SnapshotsDep
+from app.deps import (
+    BEARER_SECURITY,
+    CeleryDep,
+    CurrentTeam,
+    SessionDep,
+    SettingsDep,
+    SnapshotsDep,
+    polled_team,
+)
 from app.errors import error_responses
 from app.schemas.common import MAX_PAGE, Cursor, ListPage
 from app.schemas.runs import EventOut, RunOut, RunStatus
@@ -38,11 +46,11 @@ def list_runs(
     return service.list_runs(session, team, status=status, limit=limit, after=after)
 
 
-@router.get("/{run_id}", response_model=RunOut, responses=error_responses(401, 404))
-async def get_run(run_id: str, request: Request, team: CurrentTeam) -> Response:
-    # async and answered from the snapshot cache on most polls: no thread hop, no query, and no
-    # dependency beyond the team (each costs this, the most polled route, measurable CPU)
-    state = request.app.state
+@router.get("/{run_id}", response_model=RunOut, responses=error_responses(401, 404),
+            openapi_extra=BEARER_SECURITY)
+async def get_run(run_id: str, request: Request) -> Response:
+    # async, no dependency, and answered from the snapshot cache on most polls: no thread hop, no query
+    state, team = request.app.state, await polled_team(request)
     return Response(await service.run_json(state.sessions, state.snapshots, team, run_id),
                     media_type="application/json")
 

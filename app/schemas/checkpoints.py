@@ -22,7 +22,7 @@ class CheckpointOut(BaseModel):
     run_id: str
     stage_index: int
     step: int
-    kind: Literal["resume", "adapter", "merged"]
+    kind: Literal["resume", "adapter", "merged", "reward_model"]
     files: list[CheckpointFile]
     metrics: dict[str, Any]
     is_best: bool

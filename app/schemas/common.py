@@ -21,3 +21,13 @@ class ListPage(BaseModel, Generic[T]):
     data: list[T]
     has_more: bool
     next_cursor: str | None = None
+
+
+class OpenAIPage(BaseModel, Generic[T]):
+    """A list in OpenAI's shape: the SDK pages with `after` = the id of the last item."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

@@ -7,10 +7,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer_core.grader_config import Grader
+from trainer_core.spec_base import InputModel
 
 
-class GraderValidateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GraderValidateIn(InputModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     grader: Grader
 
@@ -19,8 +20,8 @@ class GraderValidateOut(BaseModel):
     grader: dict[str, Any]
 
 
-class GraderRunIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GraderRunIn(InputModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     grader: Grader
     model_sample: str = Field(max_length=1_000_000, description="the completion to grade")

@@ -35,6 +35,11 @@ class RunOut(BaseModel):
     progress: ProgressOut
     attempt: int
     error: dict[str, Any] | None
+    # trainer_core.estimate.FitEstimate: peak_memory_bytes_per_device, tokens_per_step, step_seconds,
+    # devices, per-stage memory breakdown; None when the base model's config could not be read.
+    estimate: dict[str, Any] | None = None
+    # Why a queued run is not starting (no live worker can hold it), None otherwise.
+    waiting_reason: str | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

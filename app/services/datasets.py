@@ -56,16 +56,20 @@ def blob_key(team_id: str, dataset_id: str) -> str:
 
 async def upload_dataset(session: Session, store: BlobStore, celery: Celery, team: Team, *,
                          chunks: AsyncIterator[bytes], content_type: str, max_bytes: int,
-                         format: str | None, name: str | None) -> Dataset:
+                         format: str | None, name: str | None, purpose: str | None = None) -> Dataset:
     """Returns the new `validating` dataset after streaming the body to storage and queueing validation.
 
-    Multipart fields `format`/`name` override the query parameters; `purpose` (OpenAI SDK) is ignored.
+    Multipart fields `format`/`name` override the query parameters. With `purpose` given (the
+    OpenAI files face) the multipart `purpose` field must equal it; otherwise it is ignored.
     """
     fmt = parse_format(format)
     dataset_id = new_id("ds")
     key = blob_key(team.id, dataset_id)
     upload = await store_upload(chunks, content_type, store, key, max_bytes)
     try:
+        if purpose is not None and upload.fields.get("purpose") != purpose:
+            raise ApiError(f"purpose must be {purpose!r} (got {upload.fields.get('purpose')!r}): this server "
+                           "stores fine-tuning files only", code="invalid_purpose", param="purpose")
         if "format" in upload.fields:
             fmt = parse_format(upload.fields["format"])
         display_name = printable(upload.fields.get("name") or name or upload.filename or "")[:300]

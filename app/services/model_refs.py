@@ -1,5 +1,5 @@
-"""The models a run spec names (its base_model and SAD teachers): pinned and checked at submit,
-turned into folders on the worker.
+"""The models a run spec names (its base_model, SAD teachers, reward-model graders): pinned or
+checked at submit, turned into folders on the worker.
 
 Any name `GET /v1/models` lists works, and so does a checkpoint alias (`RUN:stage-I:step-N`); at
 submit each is pinned to its id, so the run trains on what was named even if the alias later
@@ -20,9 +20,11 @@ from app.db.models import Checkpoint, Run, Team
 from app.errors import Unprocessable
 from app.inference.resolution import resolve_model
 from app.inference.types import ResolvedModel
+from app.services.models import reward_model_checkpoint
 from app.settings import Settings
 from app.storage import LocalBlobStore
-from trainer_core.config import Adapter, FullAdapter, LoraAdapter, RunSpec, SADStage
+from trainer_core.config import Adapter, FullAdapter, LoraAdapter, RunSpec, SADStage, Stage
+from trainer_core.grader_config import MultiGrader, RewardModelGrader
 from trainer_core.model_folders import folder_problems, linear_modules, missing_target_modules
 
 
@@ -110,5 +112,23 @@ def resolve_spec_models(session: Session, settings: Settings, team: Team, spec: 
             _check_teacher(base, teacher, param)
             pinned = stage.teacher.model_copy(update={"model": teacher.id})
             stages[i] = stage.model_copy(update={"teacher": pinned})
+        _check_reward_models(session, team, stage, f"stages[{i}].reward")
     return spec.model_copy(update={**update, "stages": stages})
+
+
+def _check_reward_models(session: Session, team: Team, stage: Stage, param: str) -> None:
+    """Raises 422 when a reward_model grader of the stage names no reward_model checkpoint of the team."""
+    reward = getattr(stage, "reward", None)
+    if reward is None:
+        return
+    graders = reward.graders.items() if isinstance(reward, MultiGrader) else [(None, reward)]
+    for key, grader in graders:
+        if not isinstance(grader, RewardModelGrader):
+            continue
+        if reward_model_checkpoint(session, team, grader.model) is None:
+            where = f"{param}.model" if key is None else f"{param}.graders.{key}.model"
+            raise Unprocessable(
+                f"{where}: {grader.model!r} is not a finished reward_model checkpoint of the team; train "
+                'one with a run whose only stage is {"method": "reward_model"}',
+                code="model_not_found", param=where)
 

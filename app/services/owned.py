@@ -11,11 +11,11 @@ from typing import TypeVar
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.interfaces import ORMOption
 
-from app.db.models import Checkpoint, Dataset, Eval, Run, Team
+from app.db.models import Checkpoint, Dataset, Eval, FineTuningJob, Run, Team, WebhookEndpoint
 from app.errors import NotFound
 from app.ids import is_id
 
-T = TypeVar("T", Run, Dataset, Eval, Checkpoint)
+T = TypeVar("T", Run, Dataset, Eval, Checkpoint, FineTuningJob, WebhookEndpoint)
 
 # model: (what the error calls it, id prefix, the parameter that carried the id)
 OWNED: dict[type, tuple[str, str, str]] = {
@@ -23,6 +23,8 @@ OWNED: dict[type, tuple[str, str, str]] = {
     Dataset: ("dataset", "ds", "dataset_id"),
     Eval: ("eval", "eval", "eval_id"),
     Checkpoint: ("checkpoint", "ckpt", "checkpoint_id"),
+    FineTuningJob: ("fine-tuning job", "ftjob", "fine_tuning_job_id"),
+    WebhookEndpoint: ("webhook endpoint", "whep", "webhook_endpoint_id"),
 }
 
 

@@ -18,13 +18,14 @@ import logging
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, sessionmaker
+from sqlalchemy.orm import Session, joinedload, object_session, sessionmaker
 
 from app.broker import send_task
 from app.db.models import Dataset, Event, Run, RunStage, Team
 from app.errors import Conflict
 from app.ids import is_id, new_id
 from app.jobs.lease import add_event
+from app.jobs.placement import check_fit, waiting_reason
 from app.jobs.states import RUN, IllegalTransition, transition_atomically
 from app.schemas.common import ListPage
 from app.schemas.runs import EventOut, RunOut, StageOut
@@ -70,32 +71,59 @@ def _by_idempotency_key(session: Session, team: Team, key: str, digest: str) -> 
     return run
 
 
+def add_run(session: Session, settings: Settings, team: Team, spec: RunSpec, *, name: str | None = None,
+            idempotency_key: str | None = None, digest: str | None = None) -> Run:
+    """Returns a new `queued` run added to the session and flushed (not committed, no message sent).
+
+    Raises the API errors of `check_run_inputs` for datasets or a base model it cannot use, and
+    422 `does_not_fit` when no registered worker could hold the run (`app.jobs.placement`).
+    """
+    spec = check_run_inputs(session, settings, team, spec)
+    estimate, fit_warning = check_fit(session, settings, team, spec)
+    run = Run(id=new_id("run"), team_id=team.id, name=name or spec.name, status="queued",
+              base_model=spec.base_model, spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key,
+              request_hash=digest or request_hash(spec), attempt=0, max_attempts=settings.max_attempts,
+              estimate=estimate)
+    run.stages = [RunStage(index=i, method=stage.method, status="pending", step=0)
+                  for i, stage in enumerate(spec.stages)]
+    session.add(run)
+    session.flush()  # the run row first: events reference it without an ORM relationship
+    session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
+    if fit_warning is not None:
+        session.add(Event(run_id=run.id, attempt=0, kind="fit_unchecked", message=fit_warning,
+                          level="warning"))
+    return run
+
+
+def announce_run(celery: Celery, run_id: str) -> None:
+    """Sends the run's first message (call after the commit); a lost one is re-sent by the reaper."""
+    if not send_task(celery, "tuneyard.train_run", [run_id]):
+        log.warning("run %s stays queued until the broker is back (the reaper re-sends it)", run_id)
+
+
 def create_run(session: Session, settings: Settings, celery: Celery, team: Team, spec: RunSpec,
                idempotency_key: str | None = None) -> tuple[Run, bool]:
     """Returns (run, created); a retried request with the same Idempotency-Key returns the first run."""
     digest = request_hash(spec)
     if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key, digest)):
         return existing, False
-    spec = check_run_inputs(session, settings, team, spec)
-    run = Run(id=new_id("run"), team_id=team.id, name=spec.name, status="queued", base_model=spec.base_model,
-              spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, request_hash=digest,
-              attempt=0, max_attempts=settings.max_attempts)
-    run.stages = [RunStage(index=i, method=stage.method, status="pending", step=0)
-                  for i, stage in enumerate(spec.stages)]
-    session.add(run)
     try:
-        session.flush()  # the run row first: events reference it without an ORM relationship
+        run = add_run(session, settings, team, spec, idempotency_key=idempotency_key, digest=digest)
     except IntegrityError:  # the same Idempotency-Key committed concurrently
         session.rollback()
         existing = _by_idempotency_key(session, team, idempotency_key, digest) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
-    session.add(Event(run_id=run.id, attempt=0, kind="queued", message="run created and queued"))
     session.commit()
-    if not send_task(celery, "tuneyard.train_run", [run.id]):
-        log.warning("run %s stays queued until the broker is back (the reaper re-sends it)", run.id)
+    announce_run(celery, run.id)
     return run, True
+
+
+def _waiting_reason(run: Run) -> str | None:
+    # Only a queued run can be waiting; the look at the workers needs the session the run came from.
+    session = object_session(run) if run.status == "queued" else None
+    return waiting_reason(session, run) if session is not None else None
 
 
 def run_out(run: Run) -> RunOut:
@@ -103,7 +131,8 @@ def run_out(run: Run) -> RunOut:
     return RunOut(
         id=run.id, name=run.name, status=run.status, base_model=run.base_model, spec=run.spec,
         stages=[StageOut.model_validate(s) for s in run.stages], progress=run_progress(run),
-        attempt=run.attempt, error=run.error, created_at=run.created_at, started_at=run.started_at,
+        attempt=run.attempt, error=run.error, estimate=run.estimate,
+        waiting_reason=_waiting_reason(run), created_at=run.created_at, started_at=run.started_at,
         finished_at=run.finished_at,
     )
 

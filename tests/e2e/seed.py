@@ -71,6 +71,17 @@ def seed_invalid_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
     return dataset.id
 
 
+def seed_ready_dataset(sessions: sessionmaker[Session], team_id: str) -> str:
+    """Returns the id of a `ready` SFT dataset (a row; its file is never read here)."""
+    dataset = Dataset(id=new_id("ds"), team_id=team_id, name="ready-chats.jsonl", format="sft",
+                      status="ready", num_records=12, size_bytes=2_048, sha256="1" * 64,
+                      blob_key="datasets/none", stats={"records": 12}, errors=[])
+    with sessions() as session:
+        session.add(dataset)
+        session.commit()
+    return dataset.id
+
+
 def seed_finished_eval(sessions: sessionmaker[Session], team_id: str, dataset_id: str) -> str:
     """Returns the id of a `succeeded` eval comparing the base model with a checkpoint."""
     results = {"base": (2.31, 0.1, "5"), "ckpt_seeded": (1.42, 0.6, "4")}

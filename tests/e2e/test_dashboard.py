@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests.api.conftest import write_model_folder
 from tests.e2e import seed
 from tests.e2e.pages import new_page, save_screenshot, sign_in
 from tests.e2e.service import LiveService
@@ -272,4 +274,54 @@ def test_hovering_a_chart_reads_the_value_at_that_step(
     page.wait_for_function("document.querySelector('#chart-loss')?.dataset.points === '40'")
     assert page.evaluate("document.documentElement.scrollWidth") <= 367
     save_screenshot(page, tmp_path, "dashboard-finished-run-phone.png")
+    assert console_errors == []
+
+
+def test_a_dataset_is_uploaded_and_an_eval_started_from_the_pages(
+    live_service: LiveService, browser: Any, console_errors: list[str], tmp_path: Path
+) -> None:
+    model = live_service.data_dir / "models" / "tiny-llama"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    ready = seed.seed_ready_dataset(live_service.sessions, live_service.team_id)
+    upload = tmp_path / "sums.jsonl"
+    upload.write_text('{"prompt": "2+2=", "completion": "4"}\n' * 3)
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+
+    page.get_by_role("link", name="Datasets").click()
+    page.locator("#upload-file").set_input_files(str(upload))
+    page.locator("#upload-format").select_option("sft")
+    page.get_by_role("button", name="Upload").click()
+    page.get_by_role("heading", name="sums.jsonl").wait_for()  # the new dataset's page (no worker here)
+    assert "/#/datasets/ds_" in page.url
+
+    page.get_by_role("link", name="Evals").click()
+    page.locator("#eval-models option[value='tiny-llama']").wait_for(state="attached")
+    page.locator("#eval-models").select_option("tiny-llama")
+    page.locator("#eval-dataset").select_option(ready)
+    page.get_by_role("button", name="Start eval").click()
+    page.wait_for_url("**/#/evals/eval_*")
+    page.locator("h1 .badge", has_text="queued").wait_for()
+    save_screenshot(page, tmp_path, "dashboard-eval-started.png")
+    assert console_errors == []
+
+
+def test_a_fine_tuning_job_is_listed_as_its_run(
+    live_service: LiveService, browser: Any, console_errors: list[str]
+) -> None:
+    write_model_folder(live_service.data_dir / "models" / "tiny-ft")  # loadable as far as submit checks
+    file_id = seed.seed_ready_dataset(live_service.sessions, live_service.team_id)
+    response = httpx.post(f"{live_service.base_url}/v1/fine_tuning/jobs",
+                          headers={"Authorization": f"Bearer {live_service.key}"},
+                          json={"model": "tiny-ft", "training_file": file_id, "suffix": "faq"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["run_id"], job
+    page = new_page(browser, console_errors)
+    sign_in(page, live_service.base_url, live_service.key)
+    row = page.locator(f"#runs-table tr[data-run-id='{job['run_id']}']")
+    assert row.locator(".badge").inner_text() == "queued"
+    row.get_by_role("link", name=job["id"]).click()
+    page.locator("h1", has_text=job["id"]).wait_for()
     assert console_errors == []

@@ -29,7 +29,8 @@ from app.settings import Settings
 from tests.api.conftest import PG_ADMIN, REDIS_HOST, REPO, _free_redis_db, _pg_url
 
 FAST = {"heartbeat_seconds": "0.5", "lease_seconds": "3", "reaper_interval_seconds": "0.5",
-        "queued_grace_seconds": "4", "max_attempts": "3"}
+        "queued_grace_seconds": "4", "max_attempts": "3", "webhook_retry_base_seconds": "0.3",
+        "webhook_poll_seconds": "0.2", "webhook_timeout_seconds": "2"}
 WORKER_READY_S = 90
 
 
@@ -85,21 +86,27 @@ class Stack:
     logs: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
+    reapers: int = 0
+    # TUNEYARD_* values of this stack's processes over FAST (a module's STACK_ENV, see `stack`).
+    env: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
-    def start_worker(self, concurrency: int = 1) -> Worker:
-        """Starts `celery worker` (prefork, one task per child) and returns once it is ready."""
+    def start_worker(self, concurrency: int = 1, **env: str) -> Worker:
+        """Starts `celery worker` (prefork, one task per child) and returns once it is ready.
+
+        ``env``: extra environment variables of the worker (e.g. a judge's API key).
+        """
         n = len(self.workers)
         log = self.logs / f"worker-{n}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "train,cpu",
              "-c", str(concurrency), "--without-mingle", "--without-gossip", "--loglevel", "INFO",
              "-n", f"it-{os.getpid()}-{n}@%h"],
-            cwd=REPO, env=service_env(self.settings), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=REPO, env=service_env(self.settings, **{**self.env, **env}), stdout=log.open("wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
         worker = Worker(process, log)
         self.workers.append(worker)
@@ -109,6 +116,16 @@ class Stack:
                 raise RuntimeError(f"celery worker did not start:\n{worker.text()[-3000:]}")
             time.sleep(0.2)
         return worker
+
+    def start_reaper(self) -> subprocess.Popen:
+        """Starts the reaper (with its webhook deliverer thread) in its own process group."""
+        log = self.logs / ("reaper.log" if self.reapers == 0 else f"reaper-{self.reapers}.log")
+        self.reapers += 1
+        process = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "reaper"], cwd=REPO,
+                                   env=service_env(self.settings, **self.env), stdout=log.open("wb"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        return process
 
     def stop_workers(self) -> None:
         for worker in self.workers:
@@ -130,8 +147,12 @@ def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    """Yields the PostgreSQL + Redis stack with the API and the reaper running (workers per test)."""
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          tiny_model_dir: Path) -> Iterator[Stack]:
+    """Yields the PostgreSQL + Redis stack with the API and the reaper running (workers per test).
+
+    A test module may set `STACK_ENV = {"TUNEYARD_…": "…"}` to change settings of its stack.
+    """
     from app.db.migrate import migrate
     from app.db.session import make_session_factory
     from app.services.auth import create_api_key
@@ -155,17 +176,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     logs = root / "logs"
     logs.mkdir()
     port = free_port()
+    env = dict(getattr(request.module, "STACK_ENV", {}))
     api_log = logs / "api.log"
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:build_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=service_env(settings), stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
+        cwd=REPO, env=service_env(settings, **env), stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
-    reaper_log = logs / "reaper.log"
-    reaper = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "reaper"], cwd=REPO,
-                              env=service_env(settings), stdout=reaper_log.open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    stack = Stack(settings, f"http://127.0.0.1:{port}", key, redis_url, logs, [api, reaper])
+    stack = Stack(settings, f"http://127.0.0.1:{port}", key, redis_url, logs, [api], env=env)
+    stack.start_reaper()
     try:
         _wait_http(f"{stack.base_url}/healthz", api, api_log)
         yield stack

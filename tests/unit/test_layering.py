@@ -26,6 +26,8 @@ WORKER_MAY_IMPORT = (
     "app.db", "app.storage", "app.settings", "app.broker", "app.jobs", "app.errors",
     "app.services.checkpoints", "app.services.metrics", "app.services.models", "app.services.datasets",
     "app.inference.loading", "app.inference.resolution", "app.schemas.evals",
+    # fine-tuning jobs start when their files validate; the deliverer signs with the endpoints' secrets
+    "app.services.fine_tuning", "app.services.webhooks",
 )
 
 

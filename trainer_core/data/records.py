@@ -4,7 +4,12 @@ Torch-free: the API validates uploads with these same models.
 
 Canonical records (what `normalize` returns and the trainer consumes; plain JSON-able dicts):
 
-- sft: `{"messages": [{"role", "content"}, ...]}` | `{"prompt": str, "completion": str}` | `{"text": str}`
+- sft: `{"messages": [{"role", "content"}, ...]}` | `{"prompt": str, "completion": str}` | `{"text": str}`.
+  Messages in OpenAI's chat format keep what the chat template and the loss need: an assistant
+  turn's `tool_calls` (its `content` may then be null; it becomes ""), a tool turn's
+  `tool_call_id`, and `weight` 0 | 1 on assistant turns (0: in the context, not
+  trained); a record's `tools` (function definitions) go to the chat template and
+  `parallel_tool_calls` is kept. Keys that are absent stay absent.
 - preference: raw `{"prompt": str, "chosen": str, "rejected": str}` or conversational
   `{"messages": [...], "chosen": [assistant msgs], "rejected": [assistant msgs]}`. A record is
   conversational when its prompt is a message list or either answer is; a string prompt then
@@ -43,6 +48,7 @@ import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -71,9 +77,55 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class ToolFunction(_Record):
+    name: StrictStr = Field(min_length=1)
+    arguments: StrictStr
+
+
+class ToolCall(_Record):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class Message(_Record):
     role: Role
-    content: StrictStr
+    content: StrictStr | None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+    tool_call_id: StrictStr | None = None
+    weight: Literal[0, 1] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_call_content(cls, data: Any) -> Any:
+        # OpenAI's examples leave `content` out of a tool-calling turn; elsewhere it is required.
+        if isinstance(data, dict) and "content" not in data and data.get("tool_calls"):
+            return {**data, "content": None}
+        return data
+
+    @model_validator(mode="after")
+    def _openai_fields(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.weight is not None and self.role != "assistant":
+            raise ValueError("weight applies to assistant messages only")
+        return self
+
+    @property
+    def trained(self) -> bool:
+        return self.role == "assistant" and self.weight != 0
+
+
+def _tools(value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    for i, tool in enumerate(value or []):
+        if not isinstance(tool.get("function"), dict) or not isinstance(tool["function"].get("name"), str):
+            raise ValueError(f"tools[{i}] needs a `function` with a `name`")
+    return value
+
+
+Tools = Annotated[list[dict[str, Any]] | None, AfterValidator(_tools)]
 
 
 class Step(_Record):
@@ -97,11 +149,15 @@ def _ends_with_assistant(messages: list[Message], what: str) -> list[Message]:
 
 class SFTMessages(_Record):
     messages: list[Message] = Field(min_length=1)
+    tools: Tools = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _has_assistant(self) -> SFTMessages:
         if "assistant" not in {m.role for m in self.messages}:
             raise ValueError("messages need at least one assistant message (nothing would be trained)")
+        if not any(m.trained for m in self.messages):
+            raise ValueError("every assistant message has weight 0 (nothing would be trained)")
         return self
 
 
@@ -139,6 +195,8 @@ class PreferenceRecord(_Record):
 
 class _OpenAIInput(_Record):
     messages: list[Message] = Field(min_length=1)
+    tools: Tools = None
+    parallel_tool_calls: bool | None = None
 
 
 class OpenAIPreference(_Record):
@@ -224,8 +282,12 @@ def _field_path(loc: tuple[int | str, ...]) -> str | None:
     return path or None
 
 
-# Pydantic names the branch of a `str | list[Message]` union in the error location.
-_ANSWER_BRANCHES: dict[str, type] = {"str": str, "list[Message]": list}
+def _answer_branch(part: int | str) -> type | None:
+    """Returns the Python type of a `str | list[Message]` union branch pydantic names in an error
+    location ("str", or "list[…Message]" with the message validators spelled out), else None."""
+    if part == "str":
+        return str
+    return list if isinstance(part, str) and part.startswith("list[") and part.endswith("Message]]") else None
 
 
 def _record_errors(exc: ValidationError, obj: dict) -> list[tuple[str | None, str]]:
@@ -233,12 +295,12 @@ def _record_errors(exc: ValidationError, obj: dict) -> list[tuple[str | None, st
     out: list[tuple[str | None, str]] = []
     for err in exc.errors():
         loc, msg = err["loc"], err["msg"].removeprefix("Value error, ")
-        branch_at = next((i for i, p in enumerate(loc) if p in _ANSWER_BRANCHES), None)
+        branch_at = next((i for i, p in enumerate(loc) if _answer_branch(p) is not None), None)
         if branch_at is not None:
             value = obj.get(loc[0]) if branch_at == 1 else None
             if not isinstance(value, str | list):
                 loc, msg = loc[:branch_at], "must be a string or a list of messages"
-            elif not isinstance(value, _ANSWER_BRANCHES[loc[branch_at]]):
+            elif not isinstance(value, _answer_branch(loc[branch_at])):  # type: ignore[arg-type]
                 continue
             else:
                 loc = loc[:branch_at] + loc[branch_at + 1 :]
@@ -306,8 +368,23 @@ def detect_format(obj: Any) -> DatasetFormat | None:
     return "sft" if isinstance(text, str) else None
 
 
-def _dump_messages(messages: list[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+def _dump_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.tool_calls is not None:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        message.update({k: v for k in ("tool_call_id", "weight") if (v := getattr(m, k)) is not None})
+        out.append(message)
+    return out
+
+
+def _with_tools(record: dict[str, Any], source: SFTMessages | _OpenAIInput) -> dict[str, Any]:
+    if source.tools is not None:
+        record["tools"] = source.tools
+    if source.parallel_tool_calls is not None:
+        record["parallel_tool_calls"] = source.parallel_tool_calls
+    return record
 
 
 def _as_messages(value: str | list[Message], role: Role) -> list[dict[str, str]]:
@@ -318,17 +395,17 @@ def normalize(record: Any, fmt: DatasetFormat) -> dict[str, Any]:
     """Returns the canonical dict (module docstring) for a raw record; raises RecordError."""
     rec = parse_record(record, fmt)
     if isinstance(rec, SFTMessages):
-        return {"messages": _dump_messages(rec.messages)}
+        return _with_tools({"messages": _dump_messages(rec.messages)}, rec)
     if isinstance(rec, SFTCompletion):
         return {"prompt": rec.prompt, "completion": rec.completion}
     if isinstance(rec, SFTText):
         return {"text": rec.text}
     if isinstance(rec, OpenAIPreference):
-        return {
+        return _with_tools({
             "messages": _dump_messages(rec.input.messages),
             "chosen": _dump_messages(rec.preferred_output),
             "rejected": _dump_messages(rec.non_preferred_output),
-        }
+        }, rec.input)
     if isinstance(rec, PreferenceRecord):
         if rec.prompt is not None and isinstance(rec.chosen, str) and isinstance(rec.rejected, str):
             return {"prompt": rec.prompt, "chosen": rec.chosen, "rejected": rec.rejected}

@@ -3,7 +3,8 @@
 `loss_mask[i] == 1` means token i is a training target (predicted from the tokens before it);
 `RenderedExample.labels` is the ids with IGNORE_INDEX where the mask is 0 (the model shifts).
 
-- Conversations go through `tokenizer.apply_chat_template`. Only assistant turns are trained:
+- Conversations go through `tokenizer.apply_chat_template` (with the record's `tools`, if any).
+  Only assistant turns are trained, and of those not the ones with OpenAI's `weight: 0`:
   from the template's `{% generation %}` markers when it has them, otherwise from the character
   spans each assistant turn adds to the rendered text (the template must render a conversation's
   prefix as a prefix of the whole, which ChatML-style templates do).
@@ -66,30 +67,63 @@ def _has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     return isinstance(template, str) and "generation" in template and "endgeneration" in template
 
 
-def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> RenderedExample:
-    """Returns the whole conversation's ids with assistant turns marked as trained."""
+_PREFIX_ERROR = (
+    "the chat template does not render a conversation's prefix as a prefix of the whole; "
+    "add {% generation %} markers around assistant content to the template"
+)
+
+
+def _trained_turn(message: dict[str, Any]) -> bool:
+    # OpenAI's per-message weight: an assistant turn with weight 0 is context, not a target.
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def _render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> RenderedExample:
+    """Returns the conversation's ids with its trained assistant turns marked (tools go to the template)."""
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
     if _has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **extra
         )
-        return RenderedExample(list(out["input_ids"]), list(out["assistant_masks"]))
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and not _trained_turn(message):
+                start, end = _turn_tokens(tokenizer, messages, i, ids, extra)
+                mask[start:end] = [0] * (end - start)
+        return RenderedExample(ids, mask)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **extra)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not _trained_turn(message):
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True,
+                                               **extra)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **extra)
         if not (text.startswith(before) and text.startswith(through)):
-            raise ValueError(
-                "the chat template does not render a conversation's prefix as a prefix of the whole; "
-                "add {% generation %} markers around assistant content to the template"
-            )
+            raise ValueError(_PREFIX_ERROR)
         spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     # A token is trained when its first character lies inside an assistant turn.
     mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
     return RenderedExample(list(enc["input_ids"]), mask)
+
+
+def _turn_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], index: int,
+                 ids: list[int], extra: dict[str, Any]) -> tuple[int, int]:
+    """Returns the token range [start, end) that assistant turn `index` adds to the conversation's ids."""
+
+    def ids_of(part: list[dict[str, Any]], prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(part, tokenize=True, return_dict=True,
+                                            add_generation_prompt=prompt, **extra)
+        return list(out["input_ids"])
+
+    before, through = ids_of(messages[:index], True), ids_of(messages[: index + 1], False)
+    if ids[: len(before)] != before or ids[: len(through)] != through:
+        raise ValueError(_PREFIX_ERROR)
+    return len(before), len(through)
 
 
 def _render_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> RenderedExample:
@@ -103,7 +137,7 @@ def render_sft(
 ) -> RenderedExample | None:
     """Returns a canonical sft record's ids and loss mask, or None when truncation drops it."""
     if "messages" in record:
-        example = _render_chat(tokenizer, record["messages"])
+        example = _render_chat(tokenizer, record["messages"], record.get("tools"))
     elif "completion" in record:
         example = _render_completion(tokenizer, record["prompt"], record["completion"])
     else:
@@ -115,8 +149,9 @@ def render_sft(
 def render_prompt(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]) -> list[int]:
     """Returns the ids a model continues from: messages with the generation prompt, or the plain prompt."""
     if record.get("messages") is not None:
+        extra = {"tools": record["tools"]} if record.get("tools") else {}
         out = tokenizer.apply_chat_template(
-            record["messages"], tokenize=True, return_dict=True, add_generation_prompt=True
+            record["messages"], tokenize=True, return_dict=True, add_generation_prompt=True, **extra
         )
         return list(out["input_ids"])
     return _encode(tokenizer, record["prompt"], special=True)
@@ -127,7 +162,7 @@ def _render_answer(
 ) -> RenderedExample:
     if record.get("messages") is None:
         return _render_completion(tokenizer, record["prompt"], answer)
-    full = _render_chat(tokenizer, record["messages"] + answer)
+    full = _render_chat(tokenizer, record["messages"] + answer, record.get("tools"))
     if full.input_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("the chat template renders the prompt differently once the answer follows it")
     mask = [0] * len(prompt_ids) + full.loss_mask[len(prompt_ids) :]

@@ -136,7 +136,7 @@ def _summary(values: array) -> dict[str, float]:
 def _chars(value: str | list | None) -> int:
     if value is None:
         return 0
-    return len(value) if isinstance(value, str) else sum(len(m.content) for m in value)
+    return len(value) if isinstance(value, str) else sum(len(m.content or "") for m in value)
 
 
 class _Stats:
@@ -161,11 +161,11 @@ class _Stats:
         `SFTMessages` accepts; anything else (and every error message) goes through the model.
         """
         messages = obj.get("messages") if type(obj) is dict else None
-        if type(messages) is not list or not messages:
+        if type(messages) is not list or not messages or "tools" in obj:
             return False
         chars, roles = 0, []
         for m in messages:
-            if type(m) is not dict or m.get("role") not in _ROLES:
+            if type(m) is not dict or m.get("role") not in _ROLES or "weight" in m or "tool_calls" in m:
                 return False
             if type(content := m.get("content")) is not str:
                 return False

@@ -18,6 +18,7 @@ METHOD_MODULES: dict[str, str] = {
     "grpo": "trainer_core.methods.grpo",
     "ppo": "trainer_core.methods.ppo",
     "sad": "trainer_core.methods.sad",
+    "reward_model": "trainer_core.methods.reward_model",
 }
 
 

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from trainer_core.model_folders import ModelFolders
     from trainer_core.modeling import ReferencePolicy
 
+from trainer_core.distributed import SINGLE, Ranks
+
 RECORD_FORMAT_KEY = "format"
 
 
@@ -88,6 +90,9 @@ class StageContext:
     ``work_dir``: this stage's folder ``stage-{i}/``; a method may cache files under it.
     ``graders``: what RL rewards need from the host (sandbox, judge endpoint and keys, reward models).
     ``rollout_sglang_url``: the SGLang server RL stages may sample on (``rollout.engine: sglang``).
+    ``ranks``: with several processes, each trains on its share of every micro-batch
+    (``EpochStream.rank_micro_batches``).
+    ``should_stop``: the reporter's stop flag, for work inside a step that can run long (sampling).
     """
 
     stage: Stage
@@ -103,6 +108,8 @@ class StageContext:
     resolve_model: Callable[[str], ModelFolders | Path] | None = None
     graders: GraderRuntime | None = None
     rollout_sglang_url: str | None = None
+    ranks: Ranks = SINGLE
+    should_stop: Callable[[], bool] | None = None
 
 
 class StageMethod(Protocol):
@@ -194,6 +201,27 @@ def weighted_mean(parts: Iterable[tuple[Mapping[str, Any], float]]) -> dict[str,
     return {key: value / (total or 1.0) for key, value in sums.items()}
 
 
+@dataclass(frozen=True)
+class Filler:
+    """A micro-batch a rank runs only to take part in the collectives; the loop counts none of it.
+
+    When a micro-batch holds fewer examples than there are ranks (an epoch's short last chunk), the
+    ranks left without one run a copy of its first example with the loss multiplied by zero.
+    """
+
+    batch: Any
+
+
+def rank_share(indices: list[int], ranks: Ranks) -> tuple[list[int], bool]:
+    """Returns (this rank's examples of a micro-batch, whether they are a filler).
+
+    Rank r takes examples r, r + N, ... so the global batch stays ``batch_size`` examples whatever
+    the number of ranks N.
+    """
+    share = indices[ranks.rank::ranks.world_size]
+    return (share, False) if share else (indices[:1], True)
+
+
 class EpochStream:
     """Micro-batches (lists of example indices) of an endless run of epochs, for map-style data.
 
@@ -223,6 +251,16 @@ class EpochStream:
                 self._cached = (epoch, self._epoch(epoch))
             out.append(self._cached[1][offset])
         return out
+
+    def rank_micro_batches(
+        self, step: int, accumulation: int, ranks: Ranks, build: Callable[[list[int]], Any]
+    ) -> list[Any]:
+        """Returns this rank's micro-batches of step ``step``, built from its share of each one."""
+        batches = []
+        for indices in self.micro_batches(step, accumulation):
+            share, filler = rank_share(indices, ranks)
+            batches.append(Filler(build(share)) if filler else build(share))
+        return batches
 
 
 def epoch_stream(

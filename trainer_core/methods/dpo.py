@@ -17,6 +17,7 @@ from trainer_core.data.render import RenderedExample, render_preference
 from trainer_core.losses.chunked import chunked_token_logps
 from trainer_core.losses.dpo import dpo_loss
 from trainer_core.methods.base import (
+    Filler,
     LossOutput,
     MethodDefaults,
     StageContext,
@@ -25,7 +26,7 @@ from trainer_core.methods.base import (
     shuffled_chunks,
     weighted_mean,
 )
-from trainer_core.modeling import head_inputs
+from trainer_core.modeling import disable_dropout, head_inputs
 
 # Pairs per reference forward in setup: bounded memory, independent of the training batch size.
 _REFERENCE_CHUNK = 16
@@ -54,6 +55,20 @@ def render_pairs(ctx: StageContext, records: Sequence[dict[str, Any]], split: st
     return kept
 
 
+def collate_pairs(
+    pairs: Sequence[Pair], pad_token_id: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Returns (model inputs, labels) of the pairs' chosen rows, then their rejected rows.
+
+    Chosen and rejected go through one forward (concatenated) so both see the same weights, and
+    the batch is twice as wide instead of two passes.
+    """
+    examples = [p[0] for p in pairs] + [p[1] for p in pairs]
+    batch = collate_padded(examples, pad_token_id)
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    return {k: v.to(device) for k, v in inputs.items()}, batch["labels"].to(device)
+
+
 def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Returns [B] summed completion-token log-probs of each row.
 
@@ -79,13 +94,7 @@ class DPOMethod(MethodDefaults):
         self._ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _collate(self, pairs: Sequence[Pair]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        # Chosen and rejected go through one forward (concatenated) so both see the same weights
-        # and dropout stream, and the batch is twice as wide instead of two passes.
-        examples = [p[0] for p in pairs] + [p[1] for p in pairs]
-        batch = collate_padded(examples, self.ctx.tokenizer.pad_token_id)
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        device = self.ctx.device
-        return {k: v.to(device) for k, v in inputs.items()}, batch["labels"].to(device)
+        return collate_pairs(pairs, self.ctx.tokenizer.pad_token_id, self.ctx.device)
 
     def _reference_logps(self, model: nn.Module, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         chosen, rejected = [], []
@@ -101,6 +110,10 @@ class DPOMethod(MethodDefaults):
         return torch.cat(chosen), torch.cat(rejected)
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.stage.disable_dropout:
+            # The reference runs without dropout; a policy with it would not match the reference
+            # even before its first update (step-1 margins != 0).
+            disable_dropout(model)
         # The reference never changes during the stage, so its log-probs are computed once. On
         # resume the same stage-start weights give the same numbers.
         self._ref = {"train": self._reference_logps(model, self.train_pairs),
@@ -113,15 +126,22 @@ class DPOMethod(MethodDefaults):
         index = torch.tensor(list(indices))
         return PairBatch(inputs, labels, ref_chosen[index], ref_rejected[index])
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._batch("train", indices) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[PairBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._batch("train", indices))
 
     def _loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         logps = sequence_logps(model, batch.inputs, batch.labels)
         n = batch.ref_chosen.shape[0]
+        ref_chosen, ref_rejected = batch.ref_chosen.to(logps.device), batch.ref_rejected.to(logps.device)
+        if self.stage.loss_type == "ipo":
+            # IPO's target margin 1/(2 beta) is on log-probs averaged over completion tokens (the
+            # IPO paper, TRL); sums would make it depend on completion length.
+            counts = (batch.labels != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(logps.device)
+            logps = logps / counts
+            ref_chosen, ref_rejected = ref_chosen / counts[:n], ref_rejected / counts[n:]
         return dpo_loss(
-            logps[:n], logps[n:], batch.ref_chosen.to(logps.device), batch.ref_rejected.to(logps.device),
+            logps[:n], logps[n:], ref_chosen, ref_rejected,
             beta=self.stage.beta, loss_type=self.stage.loss_type,
             label_smoothing=self.stage.label_smoothing, reduction="sum",
         )

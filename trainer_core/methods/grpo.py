@@ -29,11 +29,12 @@ from trainer_core.rollouts import PromptRollouts
 
 @dataclass
 class GRPOBatch:
-    """One micro-batch: whole groups of completions, their advantages and reference log-probs."""
+    """One micro-batch: whole groups of completions, their rewards, advantages and reference log-probs."""
 
     completions: Completions
     advantages: torch.Tensor
     ref_logps: torch.Tensor | None
+    rewards: torch.Tensor
     engine_logps: torch.Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -55,18 +56,29 @@ class GRPOMethod(MethodDefaults):
         self.rollouts.setup(model, tokenizer)
 
     def micro_batches(self, model: nn.Module, step: int) -> Sequence[GRPOBatch]:
-        """Returns the step's micro-batches, sampled and scored with the current policy."""
+        """Returns the step's micro-batches, sampled and scored with the current policy.
+
+        Advantages are computed once over the whole step: "batch" scaling divides by the std of
+        every reward of the step, whatever the accumulation (groups never straddle micro-batches,
+        so "group" and "none" are the same either way).
+        """
         stage, ctx = self._stage, self._ctx
         group = stage.num_generations
         self._last_step = step
         indices = self.rollouts.schedule.indices(step)
         generator = seeded_generator(ctx.seed, ctx.stage_index, step, device=ctx.device)
+        per_batch = self._groups_per_batch
+        rollouts = [
+            self.rollouts.sample_step(model, indices[start : start + per_batch], group, generator, step - 1)
+            for start in range(0, len(indices), per_batch)
+        ]
+        rewards = torch.cat([rollout.rewards for rollout in rollouts])
+        advantages, adv_metrics = grpo_advantages(rewards, group, stage.advantage_scaling)
+        step_metrics = {k: float(v) for k, v in adv_metrics.items()} | self.rollouts.observe(rewards, group)
         batches: list[GRPOBatch] = []
-        all_rewards: list[torch.Tensor] = []
-        for start in range(0, len(indices), self._groups_per_batch):
-            chunk = indices[start : start + self._groups_per_batch]
-            rollout = self.rollouts.sample_step(model, chunk, group, generator, step - 1)
-            advantages, adv_metrics = grpo_advantages(rollout.rewards, group, stage.advantage_scaling)
+        for rollout, batch_advantages in zip(
+            rollouts, advantages.split([len(r.rewards) for r in rollouts]), strict=True
+        ):
             completions = rollout.completions
             ref_logps = None
             if stage.beta > 0:
@@ -75,13 +87,10 @@ class GRPOMethod(MethodDefaults):
                         reference, completions.prompt_ids, completions.prompt_mask,
                         completions.completion_ids, completions.completion_mask, stage.temperature,
                     ).logps
-            all_rewards.append(rollout.rewards)
-            metrics = {**rollout.metrics, **{k: float(v) for k, v in adv_metrics.items()}}
-            batches.append(GRPOBatch(completions, advantages.to(ctx.device), ref_logps,
-                                     self.rollouts.mismatch_logps(rollout), metrics))
-        curriculum_metrics = self.rollouts.observe(torch.cat(all_rewards), group)
-        for batch in batches:
-            batch.metrics.update(curriculum_metrics)
+            batches.append(GRPOBatch(
+                completions, batch_advantages.to(ctx.device), ref_logps, rollout.rewards,
+                self.rollouts.mismatch_logps(rollout), {**rollout.metrics, **step_metrics},
+            ))
         return batches
 
     def loss(self, model: nn.Module, batch: GRPOBatch, step: int) -> LossOutput:

@@ -105,7 +105,9 @@ class PPOMethod(MethodDefaults):
         mask = batch.completion_mask
         rewards, reward_metrics = ppo_per_token_rewards(policy.logps, ref_logps, score, mask, stage.kl_coef)
         advantages, returns = gae(rewards, values, mask, stage.gamma, stage.lam)
-        if stage.whiten_advantages:
+        # A rollout of a single completion token has no variance to whiten by (batch_size 1,
+        # max_new_tokens 1, or one completion that stopped at once): its advantage stays as GAE gave it.
+        if stage.whiten_advantages and int(mask.sum()) >= 2:
             advantages = whiten(advantages, mask)
         metrics = weighted_mean(sampled_metrics)
         metrics |= {name: float(value) for name, value in reward_metrics.items()}

@@ -37,6 +37,7 @@ from trainer_core.data.render import RenderedExample, render_sft
 from trainer_core.losses.sft import sft_loss_from_hidden
 from trainer_core.methods.base import (
     RECORD_FORMAT_KEY,
+    Filler,
     LossOutput,
     MethodDefaults,
     StageContext,
@@ -133,9 +134,9 @@ class SFTMethod(MethodDefaults):
             inputs["attention_mask"] = document_mask(batch["seq_lengths"], device)
         return TokenBatch(inputs, batch["labels"].to(device), int(batch["num_tokens"]))
 
-    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch]:
-        chunks = self.stream.micro_batches(step, self.stage.gradient_accumulation)
-        return [self._collate([self.train[i] for i in indices]) for indices in chunks]
+    def micro_batches(self, model: nn.Module, step: int) -> list[TokenBatch | Filler]:
+        return self.stream.rank_micro_batches(step, self.stage.gradient_accumulation, self.ctx.ranks,
+                                              lambda indices: self._collate([self.train[i] for i in indices]))
 
     def _summed_loss(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, dict[str, Any], int]:
         out = head_inputs(model, batch.inputs)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from functools import cache
 
-from celery import shared_task
+from celery import Celery, shared_task
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import create_celery
 from app.db.models import Dataset, utcnow
 from app.db.session import make_session_factory
+from app.services.fine_tuning import start_waiting_jobs
 from app.settings import get_settings
 from app.storage import BlobStore, LocalBlobStore
 from trainer_core.data.validate import validate_jsonl
@@ -67,6 +69,18 @@ def validate_dataset_blob(sessions: sessionmaker[Session], store: BlobStore, dat
     return status
 
 
+@cache
+def _celery() -> Celery:
+    return create_celery(get_settings())
+
+
+def start_jobs_of(sessions: sessionmaker[Session], dataset_id: str) -> None:
+    """Starts (or fails) the fine-tuning jobs that waited for this file's validation."""
+    with sessions() as session:
+        start_waiting_jobs(session, get_settings(), _celery(), dataset_id)
+
+
 @shared_task(name="tuneyard.validate_dataset", acks_late=True, ignore_result=True)
 def validate_dataset(dataset_id: str) -> None:
-    validate_dataset_blob(_sessions(), _store(), dataset_id)
+    if validate_dataset_blob(_sessions(), _store(), dataset_id) is not None:
+        start_jobs_of(_sessions(), dataset_id)

@@ -112,14 +112,13 @@ def two_stage_spec(dropout: float = 0.0, **overrides: Any) -> RunSpec:
     return run_spec([sft_stage(), dpo_stage()], dropout=dropout, **overrides)
 
 
-def train_rollout_stage(
-    work_dir: Path, model_dir: Path, stage: Any, records: list[dict], reporter: Any, *,
-    stage_index: int, seed: int, eval_records: list[dict], checkpoint_every: int,
-    resume_from: Path | None = None,
-) -> None:
-    """Trains one GRPO/PPO stage on the toy task's LoRA from a fixed start (resumable)."""
+def rollout_context(
+    work_dir: Path, model_dir: Path, stage: Any, records: list[dict], *, stage_index: int, seed: int,
+    eval_records: list[dict], dropout: float = 0.0,
+) -> tuple[Any, StageContext]:
+    """Returns the toy task's LoRA policy (from a fixed start) and a stage context for a GRPO/PPO stage."""
     cpu = torch.device("cpu")
-    adapter = LoraAdapter(r=8, alpha=16, dropout=0.0, target_modules=ROLLOUT_TARGETS)
+    adapter = LoraAdapter(r=8, alpha=16, dropout=dropout, target_modules=ROLLOUT_TARGETS)
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(0)
     start = work_dir / "start"
@@ -131,8 +130,19 @@ def train_rollout_stage(
         train_records=records, eval_records=eval_records, device=cpu, work_dir=work_dir,
         reference=ReferencePolicy(start, adapter, cpu),
     )
+    return model, ctx
+
+
+def train_rollout_stage(
+    work_dir: Path, model_dir: Path, stage: Any, records: list[dict], reporter: Any, *,
+    stage_index: int, seed: int, eval_records: list[dict], checkpoint_every: int,
+    resume_from: Path | None = None, dropout: float = 0.0,
+) -> None:
+    """Trains one GRPO/PPO stage on the toy task's LoRA from a fixed start (resumable)."""
+    model, ctx = rollout_context(work_dir, model_dir, stage, records, stage_index=stage_index, seed=seed,
+                                 eval_records=eval_records, dropout=dropout)
     train_stage(
         model, build_method(ctx), stage, stage_index=stage_index, stage_folder=work_dir / "stage",
-        tokenizer=tokenizer, checkpoints=CheckpointPolicy(every_steps=checkpoint_every, keep=10),
-        reporter=reporter, device=cpu, manifest_config={}, resume_from=resume_from,
+        tokenizer=ctx.tokenizer, checkpoints=CheckpointPolicy(every_steps=checkpoint_every, keep=10),
+        reporter=reporter, device=ctx.device, manifest_config={}, resume_from=resume_from,
     )

@@ -125,3 +125,35 @@ def test_trajectory_steps_text_and_teacher_logprobs() -> None:
 def test_teacher_logprobs_shape_errors(logprobs: dict, message: str) -> None:
     with pytest.raises(RecordError, match=message):
         normalize({"text": "Thought: x", "teacher_logprobs": logprobs}, "trajectories")
+
+
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 12, "b": 7}'}}
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+
+
+def test_openai_chat_with_tools_and_weights_normalises() -> None:
+    rec = {"messages": [USER, {"role": "assistant", "tool_calls": [TOOL_CALL], "weight": 0},
+                        {"role": "tool", "content": "19", "tool_call_id": "call_1"},
+                        {"role": "assistant", "content": "19", "weight": 1}],
+           "tools": TOOLS, "parallel_tool_calls": False}
+    assert normalize(rec, "sft") == {
+        "messages": [USER, {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL], "weight": 0},
+                     {"role": "tool", "content": "19", "tool_call_id": "call_1"},
+                     {"role": "assistant", "content": "19", "weight": 1}],
+        "tools": TOOLS, "parallel_tool_calls": False}
+    dpo = {"input": {"messages": [USER], "tools": TOOLS}, "preferred_output": [ASSISTANT],
+           "non_preferred_output": [{"role": "assistant", "content": "20"}]}
+    assert normalize(dpo, "preference")["tools"] == TOOLS
+
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([USER, {"role": "assistant", "content": None}], "content may be null only"),
+    ([{**USER, "weight": 0}, ASSISTANT], "weight applies to assistant messages only"),
+    ([USER, {**ASSISTANT, "weight": 0}], "every assistant message has weight 0"),
+    ([USER, {**ASSISTANT, "weight": 2}], "weight"),
+    ([{**USER, "tool_calls": [TOOL_CALL]}, ASSISTANT], "only assistant messages have tool_calls"),
+])
+def test_openai_chat_fields_are_checked(messages: list[dict], message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        normalize({"messages": messages}, "sft")

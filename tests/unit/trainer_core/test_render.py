@@ -93,3 +93,47 @@ def test_preference_pairs_share_the_prompt(tok: PreTrainedTokenizerBase) -> None
     raw = render_preference(tok, {"prompt": "1+1=", "chosen": "2", "rejected": "3"}, 512, "right")
     assert _trained(tok, raw[1]) == "<|bos|>1+1=⟦3<|im_end|>⟧"
     assert render_preference(tok, record, len(prompt) + 1, "drop") is None
+
+
+def test_weight_zero_turns_are_context_not_targets(tok: PreTrainedTokenizerBase) -> None:
+    weighted = [dict(m) for m in CHAT]
+    weighted[2]["weight"] = 0
+    plain = tok.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    other = AutoTokenizer.from_pretrained(tok.name_or_path)
+    other.chat_template = plain
+    for tokenizer in (tok, other):
+        ex = render_sft(tokenizer, {"messages": weighted}, 512, "right")
+        shown = _trained(tokenizer, ex)
+        assert shown.count("⟦") == 1 and "⟦4<|im_end|>" in shown and "19<|im_end|>" in shown
+        assert ex.input_ids == render_sft(tokenizer, {"messages": CHAT}, 512, "right").input_ids
+
+
+TOOL_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}{{- '<|im_start|>tools\\n' + (tools | map(attribute='function.name') | join(',')) "
+    "+ '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}{%- generation -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}{{- 'call ' + call.function.name + ' ' "
+    "+ call.function.arguments -}}{%- endfor -%}{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def test_tools_and_tool_calls_reach_the_template(tok: PreTrainedTokenizerBase) -> None:
+    other = AutoTokenizer.from_pretrained(tok.name_or_path)
+    other.chat_template = TOOL_TEMPLATE
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "12,7"}}
+    record = {"messages": [CHAT[1], {"role": "assistant", "content": "", "tool_calls": [call]},
+                           {"role": "tool", "content": "19", "tool_call_id": "c1"},
+                           {"role": "assistant", "content": "19"}],
+              "tools": [{"type": "function", "function": {"name": "add"}}]}
+    shown = _trained(other, render_sft(other, record, 512, "right"))
+    assert shown.startswith("<|bos|><|im_start|>tools\nadd<|im_end|>")
+    assert "⟦call add 12,7<|im_end|>⟧" in shown and "⟦19<|im_end|>⟧" in shown
+    assert render_prompt(other, record)[: len(render_prompt(other, {"messages": [CHAT[1]]}))] != \
+        render_prompt(other, {"messages": [CHAT[1]]})

@@ -136,3 +136,17 @@ def test_fast_path_accepts_only_what_the_model_accepts(obj: dict) -> None:
     # The fast path may hand a valid record to the model, never accept an invalid one.
     assert fast <= valid
     assert fast or obj is not CHAT
+
+
+def test_openai_chat_fields_are_validated_on_every_path() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
+                         {"role": "tool", "content": "ok", "tool_call_id": "c"},
+                         {"role": "assistant", "content": "done", "weight": 1}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}
+    bad_weight = {"messages": [{"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": "x", "weight": 5}]}
+    data = b"\n".join(orjson.dumps(r) for r in (good, bad_weight))
+    report = validate_jsonl(io.BytesIO(data), "sft")
+    assert report.num_records == 1 and [e.line for e in report.errors] == [2]
+    assert "weight" in str(report.errors[0])
