@@ -59,4 +59,4 @@ def serve(settings: Settings, host: str, port: int) -> None:
     protocol = type("ConfiguredHeaderDeadlineProtocol", (HeaderDeadlineProtocol,),
                     {"header_timeout": settings.api_header_timeout_seconds})
     uvicorn.run("app.main:build_app", factory=True, host=host, port=port, log_config=None, access_log=False,
-                http=protocol, timeout_keep_alive=5, timeout_graceful_shutdown=10)
+                http=protocol, timeout_keep_alive=5, timeout_graceful_shutdown=5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from trainer_core.config import RunSpec
 from trainer_core.data.records import detect_format
-from trainer_core.errors import TrainingDataError
+from trainer_core.errors import GraderFailure, TrainingDataError
+from trainer_core.grader_config import RewardModelGrader
 from trainer_core.reporting import CheckpointInfo
 
 
@@ -74,8 +76,10 @@ def _dataset_args(values: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer
     from trainer_core.model_folders import ModelFolders
     from trainer_core.pipeline import run_pipeline
+    from trainer_core.reward_models import load_reward_model_scorer
 
     spec = RunSpec.model_validate_json(Path(args.spec).read_text())
     models_dir = Path(args.models_dir) if args.models_dir else None
@@ -86,6 +90,12 @@ def _run(args: argparse.Namespace) -> int:
             raise TrainingDataError(f"model {name!r} not found (looked for folder {candidate})")
         return ModelFolders.of(candidate)
 
+    def reward_model(grader: RewardModelGrader) -> RewardModelScorer:
+        # Locally a reward_model grader names a reward_model export folder (or one under --models-dir).
+        return load_reward_model_scorer(resolve_model(grader.model).weights, grader.batch_size)
+
+    # The judge's key: the variable api_key_env names, from this shell (the service's workers do the same).
+    graders = GraderRuntime(secrets=dict(os.environ), reward_model=reward_model)
     paths, formats = _dataset_args(args.data)
     reporter = ProgressReporter()
 
@@ -100,9 +110,9 @@ def _run(args: argparse.Namespace) -> int:
         result = run_pipeline(
             spec, base_model_path=base.weights, dataset_paths=paths, dataset_formats=formats,
             work_dir=Path(args.out), reporter=reporter, device=args.device, resolve_model=resolve_model,
-            start_adapter=base.adapter,
+            start_adapter=base.adapter, graders=graders,
         )
-    except TrainingDataError as exc:
+    except (TrainingDataError, GraderFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"status": result.status, "exports": {k: str(v) for k, v in result.exports.items()},

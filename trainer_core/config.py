@@ -18,6 +18,7 @@ from trainer_core.reward_config import ExactMatchReward
 from trainer_core.spec_base import (
     MAX_ACCUMULATION,
     MAX_BATCH,
+    MAX_BATCH_TOKENS,
     MAX_COEF,
     MAX_EPOCHS,
     MAX_GENERATIONS,
@@ -220,6 +221,17 @@ class StageBase(SpecModel):
         # "Every stage takes epochs or max_steps": one epoch when neither is given.
         if self.epochs is None and self.max_steps is None:
             object.__setattr__(self, "epochs", 1.0)
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> StageBase:
+        # Each bound alone still allows a micro-batch no worker holds (4,096 x 131,072 tokens).
+        tokens = self.batch_size * self.max_seq_len
+        if tokens > MAX_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size x max_seq_len is {tokens} tokens per micro-batch, over the limit of "
+                f"{MAX_BATCH_TOKENS}: lower batch_size (raise gradient_accumulation to keep the "
+                "effective batch) or max_seq_len")
         return self
 
 

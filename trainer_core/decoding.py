@@ -14,8 +14,9 @@ One call decodes one sequence: ``SamplingParams.n`` is the caller's loop (with `
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -111,13 +112,15 @@ def decode(
     generator: torch.Generator | None = None,
     on_text: TextCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    turn: AbstractContextManager[Any] | None = None,
 ) -> Decoded:
     """Returns the continuation of ``prompt_ids`` decoded with a KV cache (model in eval mode, no grad).
 
     Ends at an eos token, at the first stop string (excluded from the text), after
     ``max_tokens``, or when ``should_stop()`` turns true (a client went away). ``on_text`` is
     called with each new piece of text as soon as it can no longer turn into a stop string, with the
-    log-probs of the tokens generated since the previous call.
+    log-probs of the tokens generated since the previous call. ``turn`` (a fair lock) is held for
+    each token's forward pass and detokenisation only, so decodes sharing a model interleave.
     """
     if not prompt_ids:
         raise ValueError("the prompt must have at least one token")
@@ -137,19 +140,20 @@ def decode(
         if should_stop is not None and should_stop():
             result.finish_reason = "stop"
             break
-        out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[0, -1].float()
-        token = _pick(logits, params, generator)
-        if token in eos:  # ends the turn; like the text, log-probs leave it out
-            result.finish_reason = "stop"
-            break
-        if want_logprobs:
-            entry = _token_logprob(logits, token, params.top_logprobs, tokenizer)
-            all_logprobs.append(entry)
-            result._pending.append(entry)
-        result.token_ids.append(token)
-        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        with turn or nullcontext():
+            out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[0, -1].float()
+            token = _pick(logits, params, generator)
+            if token in eos:  # ends the turn; like the text, log-probs leave it out
+                result.finish_reason = "stop"
+                break
+            if want_logprobs:
+                entry = _token_logprob(logits, token, params.top_logprobs, tokenizer)
+                all_logprobs.append(entry)
+                result._pending.append(entry)
+            result.token_ids.append(token)
+            text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
         cut = _find_stop(text, params.stop, max(0, emitted - max_stop)) if params.stop else None
         if cut is not None:
             text = text[:cut]

@@ -13,7 +13,7 @@ sampling and when the loss recomputes it, so the importance ratio is 1 at the sa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer_core.losses.chunked import chunked_token_logps
 from trainer_core.modeling import head_inputs
+from trainer_core.reporting import raise_if_stopping
+
+# How often sampling asks whether to stop: a few forward passes, well under a second on any model.
+STOP_CHECK_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -143,11 +147,13 @@ def sample_completions(
     generator: torch.Generator,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Completions:
     """Returns completions sampled for ``prompts`` (token lists) with a KV cache, in eval mode.
 
     Decoding stops for a row at its first token in ``eos_token_ids`` and for the batch when every
-    row stopped or ``max_new_tokens`` were generated.
+    row stopped or ``max_new_tokens`` were generated. ``should_stop`` is asked every
+    ``STOP_CHECK_TOKENS`` tokens; when true, StopRequested ends the sampling.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -164,7 +170,9 @@ def sample_completions(
     positions = _positions(prompt_mask)
     step_ids, step_positions, cache = prompt_ids, positions, None
     with eval_mode(model):
-        for _ in range(max_new_tokens):
+        for position in range(max_new_tokens):
+            if position % STOP_CHECK_TOKENS == 0:
+                raise_if_stopping(should_stop)
             out = model(
                 input_ids=step_ids,
                 attention_mask=attention,

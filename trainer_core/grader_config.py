@@ -228,7 +228,7 @@ class ScoreModelGrader(_GraderBase):
         description="how the judge samples its reply",
     )
     base_url: str | None = Field(
-        None, pattern=r"^https?://",
+        None, pattern=r"^https?://[^/\s?#]+(/\S*)?$",
         max_length=2000, description="an OpenAI-compatible API root; default: the worker's judge endpoint",
     )
     api_key_env: str | None = Field(

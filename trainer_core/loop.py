@@ -10,10 +10,11 @@ alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from trainer_core.config import StageBase
 from trainer_core.distributed import SINGLE, Ranks, agree, full_tensor, reshard, sum_across
 from trainer_core.methods.base import Filler, LossOutput, StageMethod, weighted_mean
 from trainer_core.modeling import trainable_parameters
-from trainer_core.reporting import Reporter
+from trainer_core.reporting import Reporter, StopRequested, raise_if_stopping
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,19 @@ def _trained_parameters(model: nn.Module, modules: dict[str, nn.Module]) -> dict
     return params
 
 
+def _accumulate(model: nn.Module, method: StageMethod, step: int, device: torch.device,
+                should_stop: Callable[[], bool] | None) -> list[LossOutput]:
+    """Returns the losses of the step's micro-batches, gradients accumulated; ``should_stop`` is
+    asked before each (up to 1,024 of them may make one step)."""
+    batches = method.micro_batches(model, step)
+    model.train()
+    outputs: list[LossOutput] = []
+    for batch in batches:
+        raise_if_stopping(should_stop)
+        outputs.append(_micro_batch_loss(method, model, batch, step, device))
+    return outputs
+
+
 def _evaluate(
     model: nn.Module, method: StageMethod, device: torch.device, ranks: Ranks
 ) -> dict[str, float] | None:
@@ -213,14 +227,21 @@ def train_stage(
                 reporter.on_checkpoint_removed(path)
 
     train_metrics: dict[str, float] = {}
+    # Inside a step only a single process may stop on its own; several ranks stop together at the
+    # step's end, where they agree on it.
+    inside_step_stop = None if ranks.distributed else reporter.should_stop
     for step in range(start_step + 1, total + 1):
         started = time.perf_counter()
         lr = learning_rate_at(step, stage, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = method.micro_batches(model, step)
-        model.train()
-        outputs = [_micro_batch_loss(method, model, batch, step, device) for batch in batches]
+        try:
+            outputs = _accumulate(model, method, step, device, inside_step_stop)
+        except StopRequested:
+            # Stopped inside the step (a cancel, or a lease another attempt took): the half-made
+            # step is dropped and the run resumes from its last complete checkpoint.
+            optimizer.zero_grad(set_to_none=True)
+            return StageOutcome("stopped", step - 1, train_metrics)
         metrics, units, tokens = _step_totals(outputs, ranks, device)
         # The micro-batch losses are sums, so dividing the accumulated gradient by the step's unit
         # count makes accumulation exactly one big batch, however the units fell across batches
@@ -245,7 +266,8 @@ def train_stage(
 
         eval_metrics: dict[str, float] = {}
         if step == total or (stage.eval_every_steps and step % stage.eval_every_steps == 0):
-            eval_metrics = _evaluate(model, method, device, ranks) or {}
+            with contextlib.suppress(StopRequested):  # the step is complete: skip the eval, save below
+                eval_metrics = _evaluate(model, method, device, ranks) or {}
             if eval_metrics:
                 last_eval = eval_metrics
                 reporter.on_metrics(stage_index, step, "eval", eval_metrics)

@@ -186,6 +186,8 @@ def run_pipeline(
             train_records=train, eval_records=held_out, device=torch_device, work_dir=folder,
             reference=ReferencePolicy(start, spec.adapter, torch_device), resolve_model=resolve_model,
             graders=graders, rollout_sglang_url=rollout_sglang_url, ranks=ranks,
+            # Several ranks stop together at a step's end (agreed); inside a step only one process may.
+            should_stop=None if ranks.distributed else reporter.should_stop,
         )
         method = build_method(ctx)
         reporter.on_event("stage_started", f"stage {index} ({stage.method}) started",

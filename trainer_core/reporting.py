@@ -7,6 +7,7 @@ The worker hands the trainer a reporter that writes to the database; tests hand 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,6 +33,17 @@ class CheckpointInfo:
     files: list[FileEntry]
     metrics: dict[str, float] = field(default_factory=dict)
     is_best: bool = False
+
+
+class StopRequested(Exception):
+    """Raised inside a step (between micro-batches, while sampling rollouts) once ``should_stop`` is
+    true: a cancel, or a lease another attempt took, must not wait for a step that may never end."""
+
+
+def raise_if_stopping(should_stop: Callable[[], bool] | None) -> None:
+    """Raises StopRequested when ``should_stop`` says so (None: never)."""
+    if should_stop is not None and should_stop():
+        raise StopRequested
 
 
 class Reporter(Protocol):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +36,7 @@ from trainer_core.config import RolloutSpec
 from trainer_core.errors import TrainingDataError
 from trainer_core.generation import Completions, eval_mode, left_pad, sample_completions
 from trainer_core.modeling import POLICY_ADAPTER
+from trainer_core.reporting import raise_if_stopping
 
 
 class RolloutEngine(Protocol):
@@ -47,9 +48,13 @@ class RolloutEngine(Protocol):
     def sample(
         self, model: nn.Module, prompts: Sequence[Sequence[int]], *, version: int, max_new_tokens: int,
         eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator, temperature: float,
-        top_p: float,
+        top_p: float, should_stop: Callable[[], bool] | None = None,
     ) -> Completions:
-        """Returns completions for ``prompts``; ``version`` numbers the policy weights (the step)."""
+        """Returns completions for ``prompts``; ``version`` numbers the policy weights (the step).
+
+        ``should_stop`` (a cancel, a lost lease) ends the sampling with StopRequested: the local
+        sampler asks it every few tokens, the other engines before they start a batch.
+        """
 
     def close(self) -> None:
         """Releases what the engine holds (server-side adapters)."""
@@ -64,11 +69,12 @@ class LocalEngine:
     def sample(
         self, model: nn.Module, prompts: Sequence[Sequence[int]], *, version: int, max_new_tokens: int,
         eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator, temperature: float,
-        top_p: float,
+        top_p: float, should_stop: Callable[[], bool] | None = None,
     ) -> Completions:
         return sample_completions(
             model, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id, generator=generator, temperature=temperature, top_p=top_p,
+            should_stop=should_stop,
         )
 
     def close(self) -> None:
@@ -129,10 +135,12 @@ class PagedEngine:
     def sample(
         self, model: nn.Module, prompts: Sequence[Sequence[int]], *, version: int, max_new_tokens: int,
         eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator, temperature: float,
-        top_p: float,
+        top_p: float, should_stop: Callable[[], bool] | None = None,
     ) -> Completions:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        raise_if_stopping(should_stop)
 
         device = _device(model)
         config = GenerationConfig(
@@ -226,8 +234,9 @@ class SGLangEngine:
     def sample(
         self, model: nn.Module, prompts: Sequence[Sequence[int]], *, version: int, max_new_tokens: int,
         eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator, temperature: float,
-        top_p: float,
+        top_p: float, should_stop: Callable[[], bool] | None = None,
     ) -> Completions:
+        raise_if_stopping(should_stop)
         adapter = self._sync(model, version)
         seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=generator.device))
         body = {

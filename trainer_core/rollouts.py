@@ -99,6 +99,7 @@ class PromptRollouts:
             generator=generator,
             temperature=stage.temperature,
             top_p=stage.top_p,
+            should_stop=self._ctx.should_stop,
         )
         tokenizer = self._ctx.tokenizer
         texts = tokenizer.batch_decode(completions.completion_token_lists(), skip_special_tokens=True)

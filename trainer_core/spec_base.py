@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 MAX_STEPS = 10_000_000
 MAX_EPOCHS = 1_000
 MAX_BATCH = 4_096  # sequences (or completions) in one micro-batch
+MAX_BATCH_TOKENS = 2**22  # batch_size x max_seq_len: what one micro-batch may hold
 MAX_ACCUMULATION = 1_024
 MAX_SEQ_LEN = 131_072
 MAX_NEW_TOKENS = 32_768

@@ -16,8 +16,8 @@ from tuneyard_cli.http import ApiError, api_key_expression, checked, service_url
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SHOWN_METRICS = ("loss", "eval_loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins",
-                 "reward", "kl", "lr")
-EXPORT_KINDS = ("adapter", "merged")
+                 "accuracy", "reward", "kl", "lr")
+EXPORT_KINDS = ("adapter", "merged", "reward_model")
 RECONNECT_TRIES = 30  # one a second: a service gone for longer ends `--follow` with one line
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -12,14 +12,38 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class FairLock:
+    """A lock handed over in arrival order (a plain Lock lets the thread that just released it take
+    it straight back), so requests on one model take turns token by token."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._queue: deque[threading.Event] = deque()
+
+    def __enter__(self) -> FairLock:
+        turn = threading.Event()
+        with self._mutex:
+            self._queue.append(turn)
+            if len(self._queue) == 1:
+                turn.set()
+        turn.wait()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._mutex:
+            self._queue.popleft()
+            if self._queue:
+                self._queue[0].set()
+
+
 @dataclass
 class CachedModel(Generic[T]):
-    """A loaded model and the lock that serialises generation on it."""
+    """A loaded model and the lock that serialises work on it (one token step at a time)."""
 
     key: str
     value: T
     size_bytes: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FairLock = field(default_factory=FairLock)
     last_used: float = field(default_factory=time.monotonic)
 
 

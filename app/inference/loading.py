@@ -13,6 +13,9 @@ from transformers import PreTrainedTokenizerBase
 from app.inference.types import ResolvedModel
 from trainer_core.modeling import load_base_model, load_tokenizer
 
+# For a config that states no context (rare): the size most small chat models were trained with.
+DEFAULT_CONTEXT = 2048
+
 
 @dataclass
 class LocalModel:
@@ -27,6 +30,15 @@ class LocalModel:
         """Returns the bytes held by the model's parameters and buffers."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def context_length(self) -> int:
+        """Returns the most tokens (prompt and completion) the model attends over."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(value := getattr(config, name, None), int) and value > 0:
+                return value
+        return DEFAULT_CONTEXT
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -3,10 +3,14 @@ response object, deltas → server-sent event chunks (`data: {...}` then `data: 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
 
 from app.errors import ApiError, error_payload
 from app.ids import new_id
@@ -165,6 +169,31 @@ async def create_completion(
             sum(g.prompt_tokens for _, g in generations), sum(g.completion_tokens for _, g in generations)
         ),
     )
+
+
+# What nginx logs for a request whose client went away before the answer: nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | Response:
+    """Returns the work's result (or raises its error), or an empty 499 once the client disconnects
+    first: the work is cancelled, so a non-streamed generation stops at its next token instead of
+    running for nobody."""
+    job, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if job.done():
+            return job.result()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        for task in (job, gone):
+            task.cancel()
+        await asyncio.gather(job, gone, return_exceptions=True)
 
 
 async def _primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -39,6 +39,8 @@ from app.settings import Settings
 log = logging.getLogger("tuneyard.reaper")
 
 KINDS = (RUN, EVAL)
+# Longer than any submit takes between committing its row and publishing its message.
+PUBLISH_MARGIN_SECONDS = 5.0
 
 
 @dataclass
@@ -159,7 +161,7 @@ def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
         groups.append([_Message(kind.task, kind.model, kind.name, j, "queued", again) for j, again in due])
     groups.append([_Message("tuneyard.validate_dataset", Dataset, "dataset", d, "validating", True)
                    for d in result.datasets])
-    messages = [m for group in groups if group for m in _lost_only(session, celery, group)]
+    messages = [m for group in groups if group for m in _lost_only(session, celery, group, now)]
     sent = 0
     for message in messages:
         if not send_task(celery, message.task, [message.id]):
@@ -170,15 +172,25 @@ def resend(session: Session, celery: Celery, result: ReapResult, now: datetime,
     return sent
 
 
-def _lost_only(session: Session, celery: Celery, group: list[_Message]) -> list[_Message]:
-    """Returns the first messages of `group` (one job kind, one queue) up to the number the broker lost."""
+def _lost_only(session: Session, celery: Celery, group: list[_Message], now: datetime) -> list[_Message]:
+    """Returns the first messages of `group` (one job kind, one queue) up to the number the broker lost.
+
+    Only items that have waited PUBLISH_MARGIN_SECONDS are counted: a submit commits its row before
+    it publishes, so a newer item's message may still be on its way (counting it would re-send an
+    older item's message that is not lost).
+    """
     first = group[0]
     depth = queue_depth(celery, TASK_ROUTES[first.task]["queue"])
     if depth is None:
         return group
     model = first.model
-    waiting = session.scalar(select(func.count()).select_from(model).where(model.status == first.waiting))
-    lost = max(0, (waiting or 0) - depth)
+    since = model.created_at if model is Dataset else model.queued_at
+    settled = now - timedelta(seconds=PUBLISH_MARGIN_SECONDS)
+    waiting = session.scalar(select(func.count()).select_from(model).where(
+        model.status == first.waiting, or_(since.is_(None), since < settled)))
+    # Jobs this pass re-queued lost their message with their worker; the rest are counted.
+    requeued = sum(1 for m in group if not m.unclaimed)
+    lost = requeued + max(0, (waiting or 0) - depth)
     if lost < len(group):
         log.info("%d %s(s) due for a re-send, %d waiting, %d messages queued: re-sending %d", len(group),
                  first.what, waiting, depth, lost)

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import CurrentTeam, SessionDep, SettingsDep, StoreDep
@@ -35,31 +35,35 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
 async def chat_completions(
+    request: Request,
     body: ChatCompletionRequest,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
     team: CurrentTeam,
     backend: BackendDep,
-) -> ChatCompletion | StreamingResponse:
+) -> ChatCompletion | StreamingResponse | Response:
     model = await run_in_threadpool(resolve_model, session, settings, store, team, body.model)
     if body.stream:
         events = await openai_api.stream_chat_completion(backend, model, body)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await openai_api.create_chat_completion(backend, model, body)
+    answer = openai_api.create_chat_completion(backend, model, body)
+    return await openai_api.until_disconnected(request, answer)
 
 
 @router.post("/completions", response_model=Completion, responses=RESPONSES)
 async def completions(
+    request: Request,
     body: CompletionRequest,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
     team: CurrentTeam,
     backend: BackendDep,
-) -> Completion | StreamingResponse:
+) -> Completion | StreamingResponse | Response:
     model = await run_in_threadpool(resolve_model, session, settings, store, team, body.model)
     if body.stream:
         events = await openai_api.stream_completion(backend, model, body)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return await openai_api.create_completion(backend, model, body)
+    answer = openai_api.create_completion(backend, model, body)
+    return await openai_api.until_disconnected(request, answer)

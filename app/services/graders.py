@@ -26,7 +26,7 @@ from app.services.models import reward_model_checkpoint
 from app.settings import Settings
 from app.storage import LocalBlobStore
 from trainer_core.errors import GraderFailure
-from trainer_core.grader_config import MultiGrader, RewardModelGrader
+from trainer_core.grader_config import MultiGrader, RewardModelGrader, ScoreModelGrader
 from trainer_core.graders.judge import JudgeUnavailable
 from trainer_core.graders.sandbox import SandboxUnavailable
 from trainer_core.graders.scoring import GraderRuntime, RewardModelScorer, build_grader, needs_sandbox
@@ -62,6 +62,8 @@ def run_grader(
     try:
         scores = build_grader(body.grader, runtime)([body.model_sample], [body.item])
     except JudgeUnavailable as exc:
+        if _names_its_own_judge(body.grader):  # the caller's endpoint, not this service, is down
+            raise Unprocessable(str(exc), code="judge_unreachable", param="grader") from None
         raise ServiceUnavailable(str(exc), code="judge_unavailable", param="grader") from None
     except SandboxUnavailable as exc:
         raise ServiceUnavailable(str(exc), code="sandbox_unavailable", param="grader") from None
@@ -80,6 +82,13 @@ def run_grader(
         ),
         sub_rewards=sub_rewards,
     )
+
+
+def _names_its_own_judge(grader: Any) -> bool:
+    """Returns whether a score_model grader (or one inside a multi) names its own ``base_url``."""
+    if isinstance(grader, MultiGrader):
+        return any(_names_its_own_judge(sub) for sub in grader.graders.values())
+    return isinstance(grader, ScoreModelGrader) and grader.base_url is not None
 
 
 def _first(components: Mapping[str, Sequence[float]]) -> dict[str, Any]:

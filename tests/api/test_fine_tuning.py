@@ -4,13 +4,19 @@ training itself is in tests/integration/test_openai_fine_tuning.py)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
+from openai import OpenAI
 
-from app.db.models import WebhookDelivery
+from app.db.models import WebhookDelivery, WebhookDeliveryAttempt, WebhookEndpoint
+from app.services import outbox
 from tests.api.conftest import Backend
+from worker.webhooks import deliver_due, retry_delay
 
 CHAT = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": f"{2 * i}"}]}
         for i in range(10)]
@@ -213,3 +219,90 @@ def test_job_request_limits(client: TestClient, auth: dict, field: str, value: o
     response = client.post("/v1/fine_tuning/jobs", headers=auth,
                            json={"model": "tiny-llama", "training_file": "ds_x", field: value})
     assert response.status_code == 422 and response.json()["error"]["param"].startswith(field)
+
+
+class _Receiver:
+    """A local HTTP receiver answering `code`, verifying every request with the openai SDK."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.secrets, self.seen = code, [], []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                verified = [OpenAI(api_key="x").webhooks.unwrap(body, headers, secret=s).type
+                            for s in receiver.secrets]
+                receiver.seen.append((headers["webhook-id"], verified))
+                self.send_response(receiver.code)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_endpoint_test_signs_with_current_and_kept_secrets(client: TestClient, auth: dict) -> None:
+    receiver = _Receiver(204)
+    created = client.post("/v1/webhook_endpoints", headers=auth, json={
+        "url": receiver.url, "name": "t", "event_types": ["fine_tuning.job.failed"]}).json()
+    rotated = client.post(f"/v1/webhook_endpoints/{created['id']}/rotate_secret", headers=auth,
+                          json={"keep_old_secret_active_for_24_hours": True}).json()
+    receiver.secrets = [created["signing_secret"], rotated["signing_secret"]]
+    result = client.post(f"/v1/webhook_endpoints/{created['id']}/test", headers=auth,
+                         json={"event_type": "fine_tuning.job.failed"}).json()
+    assert result == {"object": "webhook_endpoint.test", "event_type": "fine_tuning.job.failed",
+                      "status_code": 204, "success": True, "webhook_endpoint_id": created["id"]}
+    (_, verified), = receiver.seen
+    assert verified == ["fine_tuning.job.failed", "fine_tuning.job.failed"]  # both secrets verify
+    receiver.server.shutdown()
+
+
+def test_deliveries_back_off_and_give_up(client: TestClient, auth: dict, backend: Backend) -> None:
+    receiver = _Receiver(503)
+    endpoint = client.post("/v1/webhook_endpoints", headers=auth, json={
+        "url": receiver.url, "name": "down", "event_types": ["run.failed"]}).json()
+    receiver.secrets = [endpoint["signing_secret"]]
+    settings = backend.settings.model_copy(update={
+        "webhook_retry_base_seconds": 0.2, "webhook_max_attempts": 3, "webhook_timeout_seconds": 2})
+    sessions = backend.app.state.sessions
+    with sessions() as session:
+        team_id = session.get(WebhookEndpoint, endpoint["id"]).team_id
+        event = outbox.emit(session, team_id, "run.failed", {"id": "run_x", "status": "failed"})
+        session.commit()
+
+    def attempts() -> int:
+        with sessions() as session:
+            return session.query(WebhookDelivery).filter_by(event_id=event.id).one().attempts
+
+    # Other tests' deliveries share the database, so attempts are counted on this event's row.
+    with httpx.Client(timeout=2) as http:
+        deadline = time.monotonic() + 30
+        while attempts() < 3 and time.monotonic() < deadline:
+            deliver_due(sessions, http, settings)
+            time.sleep(0.02)
+        time.sleep(1.0)
+        deliver_due(sessions, http, settings)
+    assert attempts() == 3  # failed for good: never taken again
+    with sessions() as session:
+        rows = session.query(WebhookDeliveryAttempt).join(
+            WebhookDelivery, WebhookDelivery.id == WebhookDeliveryAttempt.delivery_id).filter(
+            WebhookDelivery.event_id == event.id).order_by(WebhookDeliveryAttempt.number).all()
+    ends = [(r.started_at.timestamp(), r.started_at.timestamp() + r.duration_ms / 1000) for r in rows]
+    gaps = [start - end for (_, end), (start, _) in zip(ends, ends[1:], strict=False)]
+    # The next attempt is never taken before it is due: 0.2 s after the first, 0.4 s after the
+    # second (each ±10 %), counted from when the receiver's answer came back.
+    assert len(gaps) == 2 and gaps[0] >= 0.17 and gaps[1] >= 0.35, gaps
+    assert [retry_delay(n, settings, jitter=0) for n in (1, 2, 3)] == [0.2, 0.4, 0.8]
+    capped = settings.model_copy(update={"webhook_retry_max_seconds": 0.5})
+    assert retry_delay(3, capped, jitter=0) == 0.5
+    assert [i for i, _ in receiver.seen] == [event.id] * 3  # one webhook-id on every retry
+    listed = client.get(f"/v1/webhook_endpoints/{endpoint['id']}/deliveries", headers=auth).json()
+    (delivery,) = listed["data"]
+    assert delivery["status"] == "failed" and [a["status_code"] for a in delivery["attempts"]] == [503] * 3
+    assert delivery["next_attempt_at"] is None
+    receiver.server.shutdown()

@@ -116,12 +116,12 @@ def test_run_score_model(client: TestClient, auth: dict, judge_url: str) -> None
     assert run(client, auth, grader, "Lyon", {"q": "capital of France?"})["reward"] == 2.0
 
 
-def test_run_score_model_judge_down_is_503(client: TestClient, auth: dict) -> None:
+def test_run_score_model_with_its_own_judge_down_is_422(client: TestClient, auth: dict) -> None:
     grader = {"type": "score_model", "model": "any", "base_url": "http://127.0.0.1:9/v1", "max_retries": 1,
               "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
     response = client.post("/v1/graders/run", headers=auth, json={"grader": grader, "model_sample": "x"})
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "judge_unavailable"
+    assert response.status_code == 422  # the caller's endpoint is down, not this service
+    assert response.json()["error"]["code"] == "judge_unreachable"
 
 
 def test_run_reward_model_unknown_checkpoint_is_404(client: TestClient, auth: dict) -> None:
@@ -130,3 +130,10 @@ def test_run_reward_model_unknown_checkpoint_is_404(client: TestClient, auth: di
         "item": {"prompt": "hi"}})
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "grader.model"
+
+
+def test_validate_refuses_a_judge_url_without_a_host(client: TestClient, auth: dict) -> None:
+    grader = {"type": "score_model", "model": "any", "base_url": "http://",
+              "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    response = client.post("/v1/graders/validate", headers=auth, json={"grader": grader})
+    assert response.status_code == 422 and "base_url" in response.json()["error"]["param"]

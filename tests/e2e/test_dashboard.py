@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api.conftest import write_model_folder
 from tests.e2e import seed
 from tests.e2e.pages import new_page, save_screenshot, sign_in
 from tests.e2e.service import LiveService
@@ -309,15 +310,14 @@ def test_a_dataset_is_uploaded_and_an_eval_started_from_the_pages(
 def test_a_fine_tuning_job_is_listed_as_its_run(
     live_service: LiveService, browser: Any, console_errors: list[str]
 ) -> None:
-    (live_service.data_dir / "models" / "tiny-llama").mkdir(parents=True, exist_ok=True)
-    (live_service.data_dir / "models" / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    write_model_folder(live_service.data_dir / "models" / "tiny-ft")  # loadable as far as submit checks
     file_id = seed.seed_ready_dataset(live_service.sessions, live_service.team_id)
     response = httpx.post(f"{live_service.base_url}/v1/fine_tuning/jobs",
                           headers={"Authorization": f"Bearer {live_service.key}"},
-                          json={"model": "tiny-llama", "training_file": file_id, "suffix": "faq"})
+                          json={"model": "tiny-ft", "training_file": file_id, "suffix": "faq"})
     assert response.status_code == 200, response.text
     job = response.json()
-    assert job["status"] == "queued" and job["run_id"]
+    assert job["status"] == "queued" and job["run_id"], job
     page = new_page(browser, console_errors)
     sign_in(page, live_service.base_url, live_service.key)
     row = page.locator(f"#runs-table tr[data-run-id='{job['run_id']}']")

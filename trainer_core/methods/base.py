@@ -92,6 +92,7 @@ class StageContext:
     ``rollout_sglang_url``: the SGLang server RL stages may sample on (``rollout.engine: sglang``).
     ``ranks``: with several processes, each trains on its share of every micro-batch
     (``EpochStream.rank_micro_batches``).
+    ``should_stop``: the reporter's stop flag, for work inside a step that can run long (sampling).
     """
 
     stage: Stage
@@ -108,6 +109,7 @@ class StageContext:
     graders: GraderRuntime | None = None
     rollout_sglang_url: str | None = None
     ranks: Ranks = SINGLE
+    should_stop: Callable[[], bool] | None = None
 
 
 class StageMethod(Protocol):
