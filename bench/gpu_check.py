@@ -13,7 +13,9 @@ Nothing is downloaded: every model is random-initialised from a config shaped li
 2. QLoRA on the 8B shape: peak memory of one step at 4k tokens (target: under 24 GB).
 3. One GRPO rollout with each engine that can run here (local, paged; SGLang only with
    ``--sglang-url``): rollout tokens/s.
-4. The ``gpu``-marked tests (``pytest -m gpu``).
+4. The fit estimate (``trainer_core.estimate``) of section 1's step next to the
+   ``torch.cuda.max_memory_allocated`` that step reached.
+5. The ``gpu``-marked tests (``pytest -m gpu``).
 
 Whatever cannot run (no CUDA, flash-attn, liger-kernel, bitsandbytes, SGLang) is skipped and the
 report says so. It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out-dir``.
@@ -227,6 +229,30 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def fit_estimate(shape: dict[str, Any], setup: Setup, measured: dict[str, Any]) -> dict[str, Any]:
+    """Returns the fit estimate's per-device peak for ``ours_sft``'s step next to the peak it measured.
+
+    The same step as a run spec: LoRA r=16 on the seven linear layers, no dropout, one packed
+    ``setup.seq``-token row per micro-batch, gradient checkpointing as on CUDA by default.
+    """
+    from trainer_core.config import RunSpec
+    from trainer_core.estimate import estimate_fit
+
+    spec = RunSpec.model_validate({
+        "base_model": "shape", "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
+                                           "target_modules": LORA_TARGETS},
+        "stages": [{"method": "sft", "datasets": [{"id": "random"}], "max_steps": setup.steps,
+                    "batch_size": 1, "max_seq_len": setup.seq}],
+    })
+    config = {k: v for k, v in shape.items() if k != "arch"}
+    estimate = estimate_fit(spec, config, device=setup.device.type)
+    predicted = estimate.peak_memory_bytes_per_device / 2**30
+    peak = measured.get("peak_gib")
+    return {"estimate_gib": predicted, "measured_gib": peak,
+            "estimate_over_measured": predicted / peak if peak else None,
+            "breakdown_gib": {k: v / 2**30 for k, v in estimate.as_dict()["stages"][0]["memory"].items()}}
 
 
 def trainer_sft(shape: dict[str, Any], setup: Setup) -> dict[str, Any]:
@@ -514,6 +540,9 @@ def main() -> None:
         ours, base = report[f"sft/{name}/ours"], report[f"sft/{name}/trainer"]
         if "tokens_per_second" in ours and "tokens_per_second" in base:
             report[f"sft/{name}/speedup"] = ours["tokens_per_second"] / base["tokens_per_second"]
+        if "tokens_per_second" in ours:
+            section(report, f"fit_estimate/{name}",
+                    lambda shape=shape, ours=ours: fit_estimate(shape, setup, ours))
     if packages["bitsandbytes"]:
         section(report, "qlora/llama-3-8b", lambda: qlora_memory(shapes["llama-3-8b"], setup))
     else:

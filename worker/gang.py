@@ -57,13 +57,13 @@ def _read_new(path: Path, offset: int) -> tuple[list[str], int]:
 def launch_pipeline(
     spec: RunSpec, *, base_model_path: Path, dataset_paths: dict[str, Path], dataset_formats: dict[str, str],
     work_dir: Path, reporter: Reporter, resolve_model: Callable[[str], ModelFolders | Path] | None = None,
-    start_adapter: Path | None = None, graders: Any = None,
+    start_adapter: Path | None = None, graders: Any = None, rollout_sglang_url: str | None = None,
 ) -> PipelineResult:
     """Returns how the run ended after training it on ``spec.resources.gpus`` torchrun ranks.
 
-    Takes ``run_pipeline``'s arguments; ``resolve_model`` and ``graders`` serve SAD teachers and RL
-    rewards, which the spec keeps to one device. Raises TrainingDataError for the data errors a
-    rank hit, RuntimeError for anything else that ended the gang.
+    Takes ``run_pipeline``'s arguments; ``resolve_model``, ``graders`` and ``rollout_sglang_url``
+    serve SAD teachers and RL stages, which the spec keeps to one device. Raises TrainingDataError
+    for the data errors a rank hit, RuntimeError for anything else that ended the gang.
     """
     gang = work_dir.parent / "gang"
     shutil.rmtree(gang, ignore_errors=True)

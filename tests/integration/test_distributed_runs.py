@@ -35,7 +35,9 @@ def _rank_pid(rank: int) -> int | None:
 
 
 def _step(client, run_id: str) -> int:  # noqa: ANN001
-    return client.get(f"/v1/runs/{run_id}").json()["stages"][0]["step"]
+    run = client.get(f"/v1/runs/{run_id}").json()
+    assert run["status"] not in ("failed", "cancelled"), run["error"]  # fail fast, saying why
+    return run["stages"][0]["step"]
 
 
 def test_sigkill_of_one_rank_resumes_the_run_from_its_last_checkpoint(stack: Stack) -> None:
