@@ -32,15 +32,15 @@ def test_qlora_and_checkpointed_sft_runs_succeed_on_the_embedded_default(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEYARD_")}
     # Default lease timings: two runs loading models at once on a small shared machine can hold a
     # heartbeat back longer than the integration suite's 3 s lease.
-    env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_PORT=str(port), TUNEYARD_ENV="test",
+    env.update(TUNEYARD_DATA_DIR=str(tmp_path / "data"), TUNEYARD_ENV="test",
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     log = tmp_path / "up.log"
-    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], cwd=REPO, env=env,
-                          stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen([sys.executable, "-m", "tuneyard_cli", "up", "--port", str(port)], cwd=REPO,
+                          env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        printed = re.compile(r"store it now\):\n\s+(\S+)")
-        found = wait_for(lambda: printed.search(log.read_text()), 180, "the first-start key", every=0.5)
+        printed = re.compile(r"\nAPI key .*\n  (ty_\S+)\n")
+        found = wait_for(lambda: printed.search(log.read_text()), 240, "the banner with the key", every=0.5)
         key = found.group(1)
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                            timeout=30)

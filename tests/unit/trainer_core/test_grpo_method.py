@@ -55,3 +55,16 @@ def test_grpo_resume_mid_stage_repeats_the_same_steps(tmp_path: Path, tiny_model
             straight.train_series(name), abs=1e-6
         )
     assert straight.train_series("curriculum/level")[-1] == 1.0
+
+
+def test_grpo_trains_on_paged_rollouts_with_importance_weights_near_one(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Continuous batching runs on CPU too; its log-probs are the policy's own, so the truncated
+    # importance weights stay at 1 (to float rounding) and nothing is truncated.
+    stage = _stage(max_steps=2, batch_size=4, num_generations=2, rollout={"engine": "paged"})
+    reporter = RecordingReporter()
+    _train(tmp_path, tiny_model_dir, stage, VOWEL_PROMPTS[:4], reporter)
+    weights = reporter.train_series("rollout/is_weight")
+    assert len(weights) == 2 and all(abs(w - 1) < 1e-3 for w in weights)
+    assert reporter.train_series("rollout/is_truncated") == [0.0, 0.0]
