@@ -19,7 +19,7 @@ from tests.integration.conftest import (
     wait_status,
 )
 
-STEPS, EVERY = 12, 4
+STEPS, EVERY = 60, 10
 
 
 def _rank_pid(rank: int) -> int | None:
