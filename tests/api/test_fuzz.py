@@ -57,6 +57,17 @@ def auth_headers() -> Iterator[dict[str, str]]:
     shutil.rmtree(_ROOT, ignore_errors=True)
 
 
+@schemathesis.check
+def no_server_error_but_the_absent_judge(ctx: schemathesis.CheckContext, response: schemathesis.Response,
+                                         case: schemathesis.Case) -> bool | None:
+    """not_a_server_error, except the one documented 503: no inference server runs beside this app, so
+    a score_model grader on this service's own judge endpoint is answered `judge_unavailable`."""
+    if (response.status_code == 503 and case.path.endswith("/graders/run")
+            and response.json()["error"]["code"] == "judge_unavailable"):
+        return True
+    return not_a_server_error(ctx, response, case)
+
+
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
@@ -64,4 +75,4 @@ def auth_headers() -> Iterator[dict[str, str]]:
 def test_api_conforms_to_its_schema(case: schemathesis.Case, auth_headers: dict[str, str]) -> None:
     CALLS.append(1)
     case.call_and_validate(headers={**(case.headers or {}), **auth_headers},
-                           checks=[not_a_server_error, response_schema_conformance])
+                           checks=[no_server_error_but_the_absent_judge, response_schema_conformance])
