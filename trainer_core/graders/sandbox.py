@@ -73,11 +73,13 @@ def _bubblewrap_command() -> list[str]:
                           str(Path(os.path.realpath(sys.executable)).parent.parent)}):
         if not folder.startswith(_SYSTEM_DIRS):
             mounts += ["--ro-bind", folder, folder]
+    # The private /tmp is mounted before the interpreter's folders: an environment that lives under
+    # /tmp (a CI clone's .venv) is then bound read-only on top of it instead of being hidden by it.
     return [
         "bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-        "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL", *mounts,
-        "--dev", "/dev", "--proc", "/proc", "--size", str(64 << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
-        *_python_command(),
+        "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--dev", "/dev", "--proc", "/proc", "--size", str(64 << 20), "--tmpfs", "/tmp", *mounts,
+        "--chdir", "/tmp", *_python_command(),
     ]
 
 
