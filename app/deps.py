@@ -77,10 +77,10 @@ async def team_of(request: Request, key: str | None) -> Team:
     if not request.app.state.settings.auth_enabled:
         return await run_in_threadpool(_default_team, sessions)
     cache: auth.KeyCache = request.app.state.keys
-    entry = cache.get(auth.hash_key(key)) if key else None
-    if entry is None:
-        entry = await run_in_threadpool(_lookup, sessions, cache, key)
-    elif cache.touch_due(entry.key_id):
+    if not key:
+        raise auth.missing_key()
+    entry = await cache.resolve(auth.hash_key(key), lambda: run_in_threadpool(_lookup, sessions, cache, key))
+    if cache.touch_due(entry.key_id):
         await run_in_threadpool(_touch, sessions, entry.key_id)
     return entry.team
 
@@ -92,10 +92,7 @@ def _default_team(sessions: sessionmaker[Session]) -> Team:
 
 def _lookup(sessions: sessionmaker[Session], cache: auth.KeyCache, key: str | None) -> auth.KeyEntry:
     with sessions() as session:
-        entry = auth.lookup_key(session, cache, key)
-        if cache.touch_due(entry.key_id):
-            auth.touch_key(session, entry.key_id)
-        return entry
+        return auth.lookup_key(session, cache, key)
 
 
 def _touch(sessions: sessionmaker[Session], key_id: str) -> None:

@@ -3,14 +3,24 @@
 The API resolves a key to its team once per `auth_cache_seconds` per process (`KeyCache`), not
 on every request: a revoked key keeps working at most that long in another process (at once in
 the process that revoked it). `last_used_at` is written at most once a minute per key.
+
+Under many concurrent requests with one key (a dashboard's pollers), an entry that expired would
+send every request in flight to the database at once — measured as the p99 of run-status polling
+(100 lookups queued on the thread pool every TTL). So one lookup per key runs at a time (the
+others await it), and a key used in the second half of its entry's life is looked up again in
+the background while the entry still answers: a busy key never expires under its users. The
+entry's deadline is never extended without a lookup, so revocation still shows within the TTL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +35,8 @@ from app.ids import new_id
 KEY_PREFIX = "ty_"
 DEFAULT_TEAM = "default"
 TOUCH_EVERY_S = 60.0  # last_used_at is a "roughly when" for people; a write per request is waste
+
+log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
@@ -91,6 +103,7 @@ class KeyEntry:
     key_id: str
     team: Team  # transient (in no session): handlers read its id and name, so it is shared
     expires: float  # time.monotonic() after which the key is looked up again
+    refresh_after: float  # time.monotonic() after which a use looks it up again in the background
 
 
 class KeyCache:
@@ -101,6 +114,40 @@ class KeyCache:
         self._entries: dict[str, KeyEntry] = {}
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._flights: dict[str, asyncio.Future[KeyEntry]] = {}  # key hash → its lookup in flight
+
+    async def resolve(self, key_hash: str, lookup: Callable[[], Awaitable[KeyEntry]]) -> KeyEntry:
+        """Returns the key's entry: cached, or from `lookup` (which raises Unauthorized for a bad key
+        and puts a good one here) — one lookup per key at a time, whoever else needs it awaits it.
+        A cached entry past half its life starts a background lookup and is returned meanwhile."""
+        entry = self.get(key_hash)
+        if entry is not None:
+            if entry.refresh_after < time.monotonic() and key_hash not in self._flights:
+                self._start(key_hash, lookup)
+            return entry
+        flight = self._flights.get(key_hash) or self._start(key_hash, lookup)
+        # shielded: a client that goes away does not cancel the lookup the others wait for
+        return await asyncio.shield(flight)
+
+    def _start(self, key_hash: str, lookup: Callable[[], Awaitable[KeyEntry]]) -> asyncio.Future[KeyEntry]:
+        flight = asyncio.ensure_future(lookup())
+        self._flights[key_hash] = flight
+        flight.add_done_callback(lambda done: self._landed(key_hash, done))
+        return flight
+
+    def _landed(self, key_hash: str, done: asyncio.Future[KeyEntry]) -> None:
+        self._flights.pop(key_hash, None)
+        if done.cancelled():
+            return
+        error = done.exception()  # retrieved here; raised to whoever awaited it
+        if isinstance(error, Unauthorized):
+            self.drop(key_hash)  # revoked since it was cached (a background lookup found out)
+        elif error is not None:
+            log.warning("API key lookup failed: %s", error)  # the entry answers until it expires
+
+    def drop(self, key_hash: str) -> None:
+        with self._lock:
+            self._entries.pop(key_hash, None)
 
     def get(self, key_hash: str) -> KeyEntry | None:
         entry = self._entries.get(key_hash)
@@ -109,7 +156,8 @@ class KeyCache:
         return entry
 
     def put(self, key_hash: str, key_id: str, team_id: str, team_name: str) -> KeyEntry:
-        entry = KeyEntry(key_id, Team(id=team_id, name=team_name), time.monotonic() + self.ttl)
+        now = time.monotonic()
+        entry = KeyEntry(key_id, Team(id=team_id, name=team_name), now + self.ttl, now + self.ttl / 2)
         if self.ttl > 0:
             with self._lock:
                 if len(self._entries) > 10_000:  # bounded: drop what expired
@@ -133,11 +181,15 @@ class KeyCache:
             return True
 
 
+def missing_key() -> Unauthorized:
+    return Unauthorized("missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
+
+
 def lookup_key(session: Session, cache: KeyCache, key: str | None) -> KeyEntry:
     """Returns the key's cache entry after reading it from the database; raises Unauthorized for a
     missing, wrong or revoked key."""
     if not key:
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
+        raise missing_key()
     digest = hash_key(key)
     row = session.execute(
         select(ApiKey.id, Team.id, Team.name).join(Team, Team.id == ApiKey.team_id)
