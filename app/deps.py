@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from app.db.models import Team
 from app.services import auth
@@ -55,7 +56,7 @@ async def get_current_team(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Team:
     """Returns the team of the Bearer key (or the default team when auth is switched off)."""
-    return await team_of(request, credentials.credentials if credentials else None)
+    return await team_of(request.app.state, credentials.credentials if credentials else None)
 
 
 # For the most polled routes (run status, metrics), which call `polled_team` themselves instead of
@@ -66,17 +67,22 @@ BEARER_SECURITY: dict = {"security": [{"HTTPBearer": []}]}
 
 async def polled_team(request: Request) -> Team:
     """Returns the team of the request's Bearer key (what CurrentTeam does, without the dependency)."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return await team_of(request, key.strip() if scheme.lower() == "bearer" else None)
+    return await team_of(request.app.state, bearer_key(request.headers.get("authorization", "")))
 
 
-async def team_of(request: Request, key: str | None) -> Team:
+def bearer_key(authorization: str) -> str | None:
+    """Returns the key of an `Authorization: Bearer <key>` header value, None for any other."""
+    scheme, _, key = authorization.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else None
+
+
+async def team_of(state: State, key: str | None) -> Team:
     """Returns the team of an API key; a key seen within `auth_cache_seconds` costs no database
     round trip and no thread hop."""
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    if not request.app.state.settings.auth_enabled:
+    sessions: sessionmaker[Session] = state.sessions
+    if not state.settings.auth_enabled:
         return await run_in_threadpool(_default_team, sessions)
-    cache: auth.KeyCache = request.app.state.keys
+    cache: auth.KeyCache = state.keys
     if not key:
         raise auth.missing_key()
     entry = await cache.resolve(auth.hash_key(key), lambda: run_in_threadpool(_lookup, sessions, cache, key))

@@ -22,6 +22,7 @@ from app.edge import (
 )
 from app.errors import install_error_handlers
 from app.observability import RequestContextMiddleware, configure_logging
+from app.polled import PolledReadsMiddleware
 from app.routes import (
     checkpoints,
     dashboard,
@@ -111,7 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.max_upload_bytes + MULTIPART_OVERHEAD
         return JSON_BODY_LIMIT
 
-    # Outermost last: request id and access log, then admission, then URL and body checks.
+    # Outermost last: request id and access log, then admission, then URL and body checks, then the
+    # lane that answers run-status and metrics polls before routing.
+    app.add_middleware(PolledReadsMiddleware, api=app)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit,
                        stall_seconds=settings.api_body_timeout_seconds)
     app.add_middleware(UrlGuardMiddleware)

@@ -98,9 +98,13 @@ def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+# Set by a handler that answers before routing (app.polled): the documented route's path.
+ROUTE_PATH_KEY = "tuneyard.route_path"
+
+
 def _route_label(scope: Scope) -> str:
     route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    return getattr(route, "path", None) or scope.get(ROUTE_PATH_KEY) or "unmatched"
 
 
 class RequestContextMiddleware:

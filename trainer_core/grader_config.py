@@ -26,6 +26,7 @@ import importlib.util
 import re
 from typing import Annotated, Literal, Union
 
+import httpx
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from trainer_core.reward_config import REWARD_SPEC_CLASSES
@@ -238,6 +239,18 @@ class ScoreModelGrader(_GraderBase):
     max_concurrency: int = Field(8, ge=1, le=128, description="judge requests in flight at once")
     max_retries: int = Field(4, ge=0, le=10, description="retries of a failed judge request")
     timeout_seconds: float = Field(60.0, gt=0, le=600, description="time limit per judge request")
+
+    @field_validator("base_url")
+    @classmethod
+    def _reachable_form(cls, v: str | None) -> str | None:
+        # The pattern admits any host characters; the client that calls the judge (httpx) refuses a
+        # host that is not a valid (IDNA) name, which must be a 422 here, not an error at scoring.
+        if v is not None:
+            try:
+                httpx.URL(v)
+            except httpx.InvalidURL as exc:
+                raise ValueError(f"not a usable URL: {exc}") from None
+        return v
 
     @field_validator("range")
     @classmethod

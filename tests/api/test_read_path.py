@@ -127,3 +127,33 @@ def test_metrics_are_recomputed_only_when_the_run_moved(backend: Backend) -> Non
         polled = client.get(path, params={"after_step": 10}, headers=auth).json()
         assert [p[:2] for p in polled["data"][0]["points"]] == [[11, 0.05]]
         assert client.get(path, headers=auth).json()["data"][0]["points"][-1][:2] == [11, 0.05]
+
+
+def test_the_polled_lane_answers_like_the_documented_routes(backend: Backend) -> None:
+    """app.polled answers run status and metrics before routing; what it leaves to the routes (a
+    query that does not validate, a trailing slash, another method) gets the routes' answers, and the
+    request metrics still name the documented route."""
+    client, auth, team_id = new_client(backend)
+    run_id = running_run(backend, team_id)
+    path = f"/v1/runs/{run_id}/metrics"
+    with client:
+        assert client.get(f"/v1/runs/{run_id}").json()["error"]["code"] == "missing_api_key"
+        for wrong in ("Basic abc", "Bearer ty_nope"):
+            assert client.get(f"/v1/runs/{run_id}", headers={"Authorization": wrong}).status_code == 401
+        filtered = client.get(path, params={"names": " loss , nope", "split": "train", "stage": 0,
+                                            "max_points": 5, "unknown": "ignored"}, headers=auth).json()
+        assert [s["name"] for s in filtered["data"]] == ["loss"] and len(filtered["data"][0]["points"]) == 5
+        for params, field in (({"max_points": 1}, "max_points"), ({"after_step": "-1"}, "after_step"),
+                              ({"stage": "x"}, "stage"), ({"stage": ""}, "stage"),
+                              ({"split": "s" * 21}, "split")):
+            refused = client.get(path, params=params, headers=auth)
+            assert refused.status_code == 422, (params, refused.text)
+            assert refused.json()["error"]["param"] == field, refused.json()
+        slash = client.get(f"/v1/runs/{run_id}/", headers=auth, follow_redirects=False)
+        assert slash.status_code in (307, 404)
+        assert client.delete(f"/v1/runs/{run_id}", headers=auth).status_code == 405
+        # the route label of the request metrics, as routing would have set it
+        exposition = client.get("/metrics").text
+        assert 'route="/v1/runs/{run_id}",status="200"' in exposition
+        assert 'route="/v1/runs/{run_id}/metrics",status="200"' in exposition
+        assert 'route="/v1/runs/{run_id}/metrics",status="422"' in exposition

@@ -64,7 +64,8 @@ def test_sigkill_of_one_rank_resumes_the_run_from_its_last_checkpoint(stack: Sta
     log = events(client, run_id)
     assert run["status"] == "succeeded" and run["attempt"] == 2, [(e["attempt"], e["message"]) for e in log]
 
-    assert ended_within < float(STACK_ENV["TUNEYARD_LEASE_SECONDS"]), "the gang, not the lease, ended the attempt"
+    lease = float(STACK_ENV["TUNEYARD_LEASE_SECONDS"])
+    assert ended_within < lease, "the gang, not the lease, ended the attempt"
     retrying = [e for e in log if e["kind"] == "retrying"]
     resumed = [e for e in log if e["kind"] == "resumed"]
     assert len(retrying) == 1 and retrying[0]["attempt"] == 1

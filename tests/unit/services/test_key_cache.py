@@ -70,7 +70,8 @@ def test_a_key_past_half_its_life_answers_at_once_and_is_refreshed_in_the_backgr
 
 def test_a_background_lookup_that_finds_the_key_revoked_drops_it() -> None:
     cache = KeyCache(ttl=0.2)
-    lookup, calls = _lookups(cache, "h", ["a", Unauthorized("invalid API key"), Unauthorized("invalid API key")])
+    revoked = Unauthorized("invalid API key")
+    lookup, calls = _lookups(cache, "h", ["a", revoked, revoked])
 
     async def main() -> None:
         await cache.resolve("h", lookup)
