@@ -19,7 +19,7 @@ from tests.integration.conftest import (
     wait_status,
 )
 
-STEPS, EVERY = 120, 10
+STEPS, EVERY = 60, 10
 # A 20 s lease: on a loaded CI machine two gloo ranks plus the API must not lose a 3 s lease by
 # accident (a second "retrying" would be noise); a dead rank still ends the attempt within seconds,
 # which the test measures against this lease.
