@@ -92,8 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "the team %r; never expose this server", "default")
         sweeper = asyncio.create_task(sweep_tmp_forever(app.state.store, settings.tmp_max_age_seconds))
         # What is alive now (modules, routes, schemas: ~140k objects) lives as long as the process.
-        # Frozen, a full collection no longer walks it: unfrozen, each one paused every request in
-        # flight for ~110 ms, which was the p99 of run-status polling (bench/README.md).
+        # Frozen, a full collection no longer walks it; unfrozen, each one paused every request in
+        # flight for ~110 ms (bench/README.md, finding 6).
         gc.collect()
         gc.freeze()
         yield
