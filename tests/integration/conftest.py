@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from app.settings import Settings
+from app.storage import LocalBlobStore
 from tests.api.conftest import PG_ADMIN, REDIS_HOST, REPO, _free_redis_db, _pg_url
 
 FAST = {"heartbeat_seconds": "0.5", "lease_seconds": "3", "reaper_interval_seconds": "0.5",
@@ -271,3 +272,31 @@ def read_stream(client: httpx.Client, run_id: str, sink: list[dict[str, Any]],
                 message["id"] = line[4:]
             elif line.startswith("data: "):
                 message["data"] = json.loads(line[6:])
+
+
+# ---------------------------------------------------------------- in-process embedded stack
+
+
+def embedded_services(settings: Settings, tiny_model_dir: Path) -> tuple[Any, LocalBlobStore]:
+    """Returns (sessions, store) of an in-process stack on the settings' SQLite file, migrated, with
+    the tiny model installed as `tiny-llama` (tests that call `execute_run` without a worker)."""
+    from app.db.migrate import migrate
+    from app.db.session import make_session_factory
+
+    shutil.copytree(tiny_model_dir, settings.base_models_dir / "tiny-llama")
+    migrate(settings.database_url)
+    return make_session_factory(settings), LocalBlobStore(settings.storage_dir)
+
+
+def stored_dataset(session: Any, store: LocalBlobStore, team_id: str, records: list[dict[str, Any]],
+                   fmt: str) -> str:
+    """Returns the id of a `ready` dataset of the team holding the records, stored as an upload is."""
+    from app.db.models import Dataset
+    from app.ids import new_id
+
+    dataset_id = new_id("ds")
+    key = f"datasets/{dataset_id}.jsonl"
+    size, sha = store.write_bytes(key, "".join(json.dumps(r) + "\n" for r in records).encode())
+    session.add(Dataset(id=dataset_id, team_id=team_id, name=fmt, format=fmt, status="ready",
+                        num_records=len(records), size_bytes=size, sha256=sha, blob_key=key))
+    return dataset_id

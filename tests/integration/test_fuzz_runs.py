@@ -10,8 +10,6 @@ outcome must be succeeded, cancelled, or failed with a user-side code.
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -22,15 +20,11 @@ from pydantic import ValidationError
 from sqlalchemy import update
 
 from app.broker import create_celery
-from app.db.migrate import migrate
-from app.db.models import Dataset, Run, Team
-from app.db.session import make_session_factory
+from app.db.models import Run, Team
 from app.errors import ApiError
-from app.ids import new_id
 from app.services.runs import create_run
 from app.settings import Settings
-from app.storage import LocalBlobStore
-from tests.integration.conftest import PREFERENCE_RECORDS, SFT_RECORDS
+from tests.integration.conftest import PREFERENCE_RECORDS, SFT_RECORDS, embedded_services, stored_dataset
 from trainer_core.config import RunSpec
 from trainer_core.spec_base import MAX_SEED, MAX_STEPS
 from worker.runs import execute_run
@@ -44,22 +38,12 @@ PROMPTS = [{"prompt": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
     root = tmp_path_factory.mktemp("fuzz-runs")
     config = Settings(data_dir=root / "data", env="test", heartbeat_seconds=0.3)
-    shutil.copytree(tiny_model_dir, config.base_models_dir / "tiny-llama")
-    migrate(config.database_url)
-    sessions = make_session_factory(config)
-    store = LocalBlobStore(config.storage_dir)
-    datasets = {}
+    sessions, store = embedded_services(config, tiny_model_dir)
     with sessions() as session:
         session.add(Team(id="team_z", name="fuzz"))
         session.flush()
-        for fmt, rows in (("sft", SFT_RECORDS), ("preference", PREFERENCE_RECORDS), ("prompts", PROMPTS)):
-            dataset_id = new_id("ds")
-            size, sha = store.write_bytes(f"datasets/{dataset_id}.jsonl",
-                                          "".join(json.dumps(r) + "\n" for r in rows).encode())
-            session.add(Dataset(id=dataset_id, team_id="team_z", name=fmt, format=fmt, status="ready",
-                                num_records=len(rows), size_bytes=size, sha256=sha,
-                                blob_key=f"datasets/{dataset_id}.jsonl"))
-            datasets[fmt] = dataset_id
+        records = {"sft": SFT_RECORDS, "preference": PREFERENCE_RECORDS, "prompts": PROMPTS}
+        datasets = {fmt: stored_dataset(session, store, "team_z", rows, fmt) for fmt, rows in records.items()}
         session.commit()
     yield {"settings": config, "sessions": sessions, "store": store, "datasets": datasets,
            "celery": create_celery(config)}

@@ -10,8 +10,6 @@ could have ended.
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from datetime import timedelta
@@ -20,37 +18,26 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.broker import create_celery
-from app.db.migrate import migrate
-from app.db.models import Dataset, Event, Metric, Run, RunStage, Team, utcnow
-from app.db.session import make_session_factory
+from app.db.models import Event, Metric, Run, RunStage, Team, utcnow
 from app.ids import new_id
 from app.jobs.lease import claim
 from app.jobs.states import RUN
 from app.settings import Settings
-from app.storage import LocalBlobStore
-from tests.integration.conftest import SFT_RECORDS
+from tests.integration.conftest import SFT_RECORDS, embedded_services, stored_dataset
 from worker.runs import execute_run
 
 
 def test_a_worker_whose_lease_was_taken_stops_inside_its_step(tmp_path: Path, tiny_model_dir: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", env="test", heartbeat_seconds=0.3, lease_seconds=60)
-    shutil.copytree(tiny_model_dir, settings.base_models_dir / "tiny-llama")
-    migrate(settings.database_url)
-    sessions = make_session_factory(settings)
-    store = LocalBlobStore(settings.storage_dir)
-    body = "".join(json.dumps(r) + "\n" for r in SFT_RECORDS).encode()
-    dataset_id = new_id("ds")
-    size, sha = store.write_bytes(f"datasets/{dataset_id}.jsonl", body)
-    spec = {"base_model": "tiny-llama", "seed": 1, "export": ["adapter"],
-            "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "stages": [{"method": "sft", "datasets": [{"id": dataset_id}], "max_steps": 2, "batch_size": 1,
-                        "gradient_accumulation": 1024, "max_seq_len": 64}]}
+    sessions, store = embedded_services(settings, tiny_model_dir)
     with sessions() as session:
         session.add(Team(id="team_t", name="lease"))
         session.flush()
-        session.add(Dataset(id=dataset_id, team_id="team_t", name="sft", format="sft", status="ready",
-                            num_records=len(SFT_RECORDS), size_bytes=size, sha256=sha,
-                            blob_key=f"datasets/{dataset_id}.jsonl"))
+        dataset_id = stored_dataset(session, store, "team_t", SFT_RECORDS, "sft")
+        spec = {"base_model": "tiny-llama", "seed": 1, "export": ["adapter"],
+                "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                "stages": [{"method": "sft", "datasets": [{"id": dataset_id}], "max_steps": 2,
+                            "batch_size": 1, "gradient_accumulation": 1024, "max_seq_len": 64}]}
         run = Run(id=new_id("run"), team_id="team_t", base_model="tiny-llama", spec=spec,
                   stages=[RunStage(index=0, method="sft")])
         session.add(run)

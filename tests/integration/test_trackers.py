@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,13 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import create_celery
-from app.db.migrate import migrate
-from app.db.models import Dataset, Event, Metric, Run, RunStage, Team
-from app.db.session import make_session_factory
+from app.db.models import Event, Metric, Run, RunStage, Team
 from app.ids import new_id
 from app.settings import Settings
 from app.storage import LocalBlobStore
-from tests.integration.conftest import SFT_RECORDS
+from tests.integration.conftest import SFT_RECORDS, embedded_services, stored_dataset
 from worker.runs import execute_run, work_dir_key
 
 mlflow = pytest.importorskip("mlflow")
@@ -73,19 +70,11 @@ class Worker:
 def worker(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Worker]:
     root = tmp_path_factory.mktemp("trackers")
     settings = Settings(data_dir=root / "data", env="test", heartbeat_seconds=0.5)
-    shutil.copytree(tiny_model_dir, settings.base_models_dir / "tiny-llama")
-    migrate(settings.database_url)
-    sessions = make_session_factory(settings)
-    store = LocalBlobStore(settings.storage_dir)
-    body = "".join(json.dumps(r) + "\n" for r in SFT_RECORDS).encode()
-    dataset_id = new_id("ds")
-    size, sha = store.write_bytes(f"datasets/{dataset_id}.jsonl", body)
+    sessions, store = embedded_services(settings, tiny_model_dir)
     with sessions() as session:
         session.add(Team(id="team_t", name="trackers"))
         session.flush()
-        session.add(Dataset(id=dataset_id, team_id="team_t", name="sft", format="sft", status="ready",
-                            num_records=len(SFT_RECORDS), size_bytes=size, sha256=sha,
-                            blob_key=f"datasets/{dataset_id}.jsonl"))
+        dataset_id = stored_dataset(session, store, "team_t", SFT_RECORDS, "sft")
         session.commit()
     yield Worker(settings, sessions, store, dataset_id)
     sessions.kw["bind"].dispose()
